@@ -1,0 +1,143 @@
+"""Passing many connections: the paper's ten steps, batched, with undo.
+
+Origin side: ``export`` (isolate all in one nft transaction, enter repair mode, dump each),
+then either ``finish`` (close silently, lift isolation) once the destination is active, or
+``undo`` (leave repair mode, lift isolation) if it is not. Destination side: ``import_``
+(validate and create every endpoint in repair mode) then ``activate_all``.
+
+What crosses between hosts is ``pack(ici, app_state)``: bytes only, so the two sides can
+be two processes, two hosts, or (in the demo) two namespaces of one process.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+
+from . import repair
+from .errors import PassingError, TcpcpError
+from .ici import ICI
+from .isolate import Isolation, tuple_of
+from .repair import Restored
+
+_RECORD = struct.Struct(">4sII")  # magic, ICI length, application state length
+_RECORD_MAGIC = b"TCPP"
+
+
+def pack(ici: ICI, app_state: bytes) -> bytes:
+    """One connection as it travels from origin to destination."""
+    raw = ici.encode()
+    return _RECORD.pack(_RECORD_MAGIC, len(raw), len(app_state)) + raw + app_state
+
+
+def unpack(blob: bytes) -> tuple[ICI, bytes]:
+    """Inverse of ``pack``; any defect raises ICIError or ValueError, never restores."""
+    if len(blob) < _RECORD.size:
+        raise ValueError("passing record truncated")
+    magic, ici_len, app_len = _RECORD.unpack_from(blob)
+    if magic != _RECORD_MAGIC:
+        raise ValueError(f"not a passing record: {magic!r}")
+    if len(blob) != _RECORD.size + ici_len + app_len:
+        raise ValueError(f"passing record length {len(blob)} disagrees with its header")
+    ici = ICI.decode(blob[_RECORD.size:_RECORD.size + ici_len])
+    return ici, blob[_RECORD.size + ici_len:]
+
+
+@dataclass
+class Exported:
+    """Origin-side handle: the isolated socket in repair mode and what was dumped from it."""
+
+    sock: socket.socket
+    ici: ICI
+    app_state: bytes
+
+
+@dataclass
+class Timings:
+    dump_us: list[float] = field(default_factory=list)
+    restore_us: list[float] = field(default_factory=list)
+    activate_us: list[float] = field(default_factory=list)
+
+
+def export(conns: list[tuple[socket.socket, bytes]], isolation: Isolation,
+           timings: Timings | None = None) -> list[Exported]:
+    """Isolate and dump every connection. On any failure all of them are returned intact."""
+    tuples = [_tuple(sock) for sock, _ in conns]
+    isolation.isolate(tuples)
+    done: list[Exported] = []
+    try:
+        for sock, state in conns:
+            t0 = time.perf_counter()
+            repair.repair_on(sock)
+            try:
+                ici = repair.dump(sock)
+            except BaseException:
+                repair.repair_off(sock, window_probe=True)
+                raise
+            if timings is not None:
+                timings.dump_us.append((time.perf_counter() - t0) * 1e6)
+            done.append(Exported(sock, ici, state))
+    except BaseException as exc:
+        for item in done:
+            _quietly(repair.repair_off, item.sock, True)
+        isolation.release(tuples)
+        if isinstance(exc, TcpcpError):
+            raise PassingError(f"dump failed, {len(conns)} connections left intact: {exc}",
+                               undone=True) from exc
+        raise
+    return done
+
+
+def import_(records: list[bytes], *, freebind: bool = True,
+            timings: Timings | None = None) -> list[tuple[Restored, bytes]]:
+    """Create every endpoint in repair mode. All or nothing: on failure none is left."""
+    made: list[tuple[Restored, bytes]] = []
+    try:
+        for blob in records:
+            t0 = time.perf_counter()
+            ici, state = unpack(blob)
+            restored = repair.restore(ici, freebind=freebind)
+            if timings is not None:
+                timings.restore_us.append((time.perf_counter() - t0) * 1e6)
+            made.append((restored, state))
+    except BaseException:
+        for restored, _ in made:
+            repair.close_silently(restored.sock)
+        raise
+    return made
+
+
+def activate_all(made: list[tuple[Restored, bytes]], timings: Timings | None = None) -> None:
+    for restored, _ in made:
+        t0 = time.perf_counter()
+        repair.activate(restored)
+        if timings is not None:
+            timings.activate_us.append((time.perf_counter() - t0) * 1e6)
+
+
+def finish(exported: list[Exported], isolation: Isolation) -> None:
+    """The origin lets go: sockets closed in repair mode (no FIN, no RST), rules removed."""
+    for item in exported:
+        repair.close_silently(item.sock)
+    isolation.release([tuple_of(item.ici) for item in exported])
+
+
+def undo(exported: list[Exported], isolation: Isolation) -> None:
+    """The pass failed after export: every origin connection resumes where it stopped."""
+    for item in exported:
+        _quietly(repair.repair_off, item.sock, True)
+    isolation.release([tuple_of(item.ici) for item in exported])
+
+
+def _tuple(sock: socket.socket):
+    local, remote = sock.getsockname(), sock.getpeername()
+    return (local[0].split("%")[0], local[1], remote[0].split("%")[0], remote[1])
+
+
+def _quietly(fn, *args) -> None:
+    try:
+        fn(*args)
+    except OSError:
+        pass

@@ -1,0 +1,43 @@
+"""Root-free tests of the probe segment: headers, checksums, and parse() reading them back."""
+
+import struct
+
+import pytest
+
+from kernel import probe
+from kernel.probe import TH_ACK, _csum, parse, segment
+
+from ici_cases import CASES
+
+
+@pytest.mark.parametrize("name", ["v4_full", "v6_usec_ts", "v4_wrapping", "v4_minimal"])
+def test_probe_is_one_old_byte_with_valid_checksums(name):
+    ici = CASES[name]
+    packet = segment(ici, ts_val=4242)
+    src, sport, dst, dport, seq, ack, flags, window = parse(packet)
+    assert (src, sport, dst, dport) == (ici.local_addr, ici.local_port, ici.remote_addr, ici.remote_port)
+    assert seq == (ici.snd_una - 1) & 0xFFFFFFFF   # one byte the peer already has
+    assert ack == ici.rcv_nxt
+    assert flags & TH_ACK
+    if ici.family == 4:
+        assert _csum(packet[:20]) == 0
+        tcp = packet[20:]
+        pseudo = packet[12:20] + struct.pack("!BBH", 0, 6, len(tcp))
+    else:
+        tcp = packet[40:]
+        pseudo = packet[8:40] + struct.pack("!IxxxB", len(tcp), 6)
+    assert _csum(pseudo + tcp) == 0
+    has_ts = b"\x01\x01\x08\x0a" + struct.pack("!I", 4242) in tcp
+    assert has_ts == ici.timestamps
+
+
+def test_window_is_scaled_down():
+    ici = CASES["v4_full"]  # rcv_wnd 131072, rcv_wscale 9
+    window = parse(segment(ici, None))[7]
+    assert window == 131072 >> 9
+
+
+def test_parse_ignores_non_tcp_and_short_packets():
+    assert parse(b"") is None
+    assert parse(b"\x45" + b"\0" * 8 + b"\x11" + b"\0" * 30) is None  # UDP
+    assert parse(b"\x60" + b"\0" * 10) is None
