@@ -227,13 +227,16 @@ class ICI:
             self.snd_wl1, self.snd_wnd, self.max_window, self.rcv_wnd, self.rcv_wup,
             self.ts_val, self.dump_time_ns, len(self.recv_queue), len(self.sent_queue),
             len(self.unsent_queue))
-        body = b"".join((header, self.recv_queue, self.sent_queue, self.unsent_queue))
-        return body + _TRAILER.pack(zlib.crc32(body))
+        parts = (header, self.recv_queue, self.sent_queue, self.unsent_queue)
+        crc = 0
+        for part in parts:  # one pass, one copy: queues can be megabytes under load
+            crc = zlib.crc32(part, crc)
+        return b"".join((*parts, _TRAILER.pack(crc)))
 
     @classmethod
     def decode(cls, data: bytes, *, max_size: int = OVERHEAD + 3 * MAX_QUEUE) -> "ICI":
         """Parse and validate; any defect raises ICIError naming the field."""
-        data = bytes(data)
+        data = memoryview(data).cast("B")  # no copy: records can be megabytes
         if len(data) > max_size:
             raise ICIError("length", f"{len(data)} bytes exceeds the limit of {max_size}")
         if len(data) < 8:
@@ -257,14 +260,14 @@ class ICI:
         if len(data) > total:
             raise ICIError("length", f"{len(data) - total} trailing bytes after the record")
         (crc,) = _TRAILER.unpack_from(data, total - _TRAILER.size)
-        if crc != zlib.crc32(data[:total - _TRAILER.size]):
+        if crc != zlib.crc32(memoryview(data)[:total - _TRAILER.size]):
             raise ICIError("crc", "checksum mismatch: the record is corrupted")
         if family not in (4, 6):
             raise ICIError("family", f"must be 4 or 6, not {family}")
         pos = header_len
         queues = []
         for length in (recv_len, sent_len, unsent_len):
-            queues.append(data[pos:pos + length])
+            queues.append(bytes(data[pos:pos + length]))
             pos += length
         return cls(
             family=family, local_addr=_addr(family, laddr, "local_addr"), local_port=lport,

@@ -77,11 +77,7 @@ def pass_all(topo: Topology, origin_app: StreamServer, dest_app: StreamServer, v
     def mark(name):
         phases[name] = round((time.perf_counter() - t0) * 1000, 3)
 
-    origin_app.pause()
-    try:
-        conns = [origin_app.detach(cid) for cid in origin_app.conn_ids()]
-    finally:
-        origin_app.resume()
+    conns = origin_app.detach_all()
     with netns.enter(topo.origin):
         exported = passing.export([(s, st.to_bytes()) for s, st in conns], origin_iso, timings)
     mark("exported")
@@ -134,11 +130,10 @@ def pass_all(topo: Topology, origin_app: StreamServer, dest_app: StreamServer, v
             vip.announce(topo.origin, vip_addr, topo.ifname)
         with netns.enter(topo.origin):
             passing.undo(exported, origin_iso)
-        for e in exported:
-            origin_app.attach(e.sock, StreamState.from_bytes(e.app_state))
+        origin_app.attach_all([(e.sock, StreamState.from_bytes(e.app_state)) for e in exported])
         raise
-    for restored, state in made:
-        dest_app.attach(restored.sock, StreamState.from_bytes(state))
+    dest_app.attach_all([(r.sock, StreamState.from_bytes(state)) for r, state in made])
+    mark("resumed")
     with netns.enter(topo.origin):
         passing.finish(exported, origin_iso)
     mark("origin_released")

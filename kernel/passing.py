@@ -29,7 +29,7 @@ _RECORD_MAGIC = b"TCPP"
 def pack(ici: ICI, app_state: bytes) -> bytes:
     """One connection as it travels from origin to destination."""
     raw = ici.encode()
-    return _RECORD.pack(_RECORD_MAGIC, len(raw), len(app_state)) + raw + app_state
+    return b"".join((_RECORD.pack(_RECORD_MAGIC, len(raw), len(app_state)), raw, app_state))
 
 
 def unpack(blob: bytes) -> tuple[ICI, bytes]:
@@ -41,8 +41,9 @@ def unpack(blob: bytes) -> tuple[ICI, bytes]:
         raise ValueError(f"not a passing record: {magic!r}")
     if len(blob) != _RECORD.size + ici_len + app_len:
         raise ValueError(f"passing record length {len(blob)} disagrees with its header")
-    ici = ICI.decode(blob[_RECORD.size:_RECORD.size + ici_len])
-    return ici, blob[_RECORD.size + ici_len:]
+    view = memoryview(blob)
+    ici = ICI.decode(view[_RECORD.size:_RECORD.size + ici_len])
+    return ici, bytes(view[_RECORD.size + ici_len:])
 
 
 @dataclass

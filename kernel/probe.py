@@ -140,11 +140,14 @@ class Prober:
         try:
             self.rx.bind((ifname, ETH_P_ALL))
             self.rx.setblocking(False)
+            # Answers from a thousand peers arrive in a burst beside bulk data: room for all.
+            self.rx.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE
             self.tx = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
         except BaseException:
             self.rx.close()
             raise
         self._macs: dict = {}
+        self.rounds = 0
 
     def close(self) -> None:
         self.rx.close()
@@ -163,7 +166,7 @@ class Prober:
             except BlockingIOError:
                 return
 
-    def ask(self, icis: list[ICI], *, timeout: float = 0.1, retries: int = 3,
+    def ask(self, icis: list[ICI], *, timeout: float = 0.03, retries: int = 5,
             ts_for=None) -> dict[int, Answer]:
         """Probe every peer; return {index in icis: Answer} for those that answered.
 
@@ -192,6 +195,7 @@ class Prober:
                 if left <= 0 or not select.select([self.rx], [], [], left)[0]:
                     break
                 self._collect(want, answers)
+        self.rounds = _attempt + 1
         return answers
 
     def _collect(self, want: dict, answers: dict) -> None:

@@ -12,7 +12,7 @@ Dump (socket already in repair mode, see ``repair_on``)::
     SIOCINQ SIOCOUTQ SIOCOUTQNSD                     queue lengths, before
     TCP_REPAIR_QUEUE=SEND  TCP_QUEUE_SEQ  recv(PEEK)  write_seq, send queue bytes
     TCP_REPAIR_QUEUE=RECV  TCP_QUEUE_SEQ  recv(PEEK)  rcv_nxt, receive queue bytes
-    SIOCINQ SIOCOUTQ SIOCOUTQNSD, sequence numbers    again: equal, or dump again
+    SIOCINQ SIOCOUTQ SIOCOUTQNSD                     again: equal, or dump again
 
 Restore (new socket)::
 
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import ipaddress
 import socket
 import struct
@@ -104,10 +105,10 @@ def _queue_seq(sock: socket.socket, queue: int, name: str) -> int:
     return _getint(sock, C.TCP_QUEUE_SEQ, f"TCP_QUEUE_SEQ {name}", unsigned=True)
 
 
-def _peek(sock: socket.socket, queue: int, length: int, name: str) -> bytes:
+def _peek(sock: socket.socket, length: int, name: str) -> bytes:
+    """Copy a queue without consuming it; the caller has selected the queue."""
     if length == 0:
         return b""
-    _setint(sock, socket.IPPROTO_TCP, C.TCP_REPAIR_QUEUE, queue, f"TCP_REPAIR_QUEUE {name}")
     try:
         return sock.recv(length, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except BlockingIOError:
@@ -116,14 +117,19 @@ def _peek(sock: socket.socket, queue: int, length: int, name: str) -> bytes:
         raise _fail(f"peek {name} queue", exc) from None
 
 
+@functools.lru_cache(maxsize=4096)
+def _ip(text: str):
+    """Parsed address, cached: a pass of a thousand connections repeats a few addresses."""
+    return ipaddress.ip_address(text.split("%")[0])
+
+
 def _addresses(sock: socket.socket):
     try:
         local, remote = sock.getsockname(), sock.getpeername()
     except OSError as exc:
         raise _fail("getpeername", exc) from None
     family = 6 if sock.family == socket.AF_INET6 else 4
-    return family, ipaddress.ip_address(local[0].split("%")[0]), local[1], \
-        ipaddress.ip_address(remote[0].split("%")[0]), remote[1]
+    return family, _ip(local[0]), local[1], _ip(remote[0]), remote[1]
 
 
 def dump(sock: socket.socket, *, attempts: int = 8, clock=time.time_ns) -> ICI:
@@ -160,15 +166,14 @@ def dump(sock: socket.socket, *, attempts: int = 8, clock=time.time_ns) -> ICI:
         now = clock()
         before = _queue_lengths(sock)
         write_seq = _queue_seq(sock, C.TCP_SEND_QUEUE, "send")
-        send_q = _peek(sock, C.TCP_SEND_QUEUE, before[1], "send")
+        send_q = _peek(sock, before[1], "send")
         rcv_nxt = _queue_seq(sock, C.TCP_RECV_QUEUE, "recv")
-        recv_q = _peek(sock, C.TCP_RECV_QUEUE, before[0], "recv")
+        recv_q = _peek(sock, before[0], "recv")
         after = _queue_lengths(sock)
-        again = (_queue_seq(sock, C.TCP_SEND_QUEUE, "send"), _queue_seq(sock, C.TCP_RECV_QUEUE, "recv"))
-        _setint(sock, socket.IPPROTO_TCP, C.TCP_REPAIR_QUEUE, C.TCP_NO_QUEUE, "TCP_REPAIR_QUEUE none")
         inq, outq, unsent = before
-        if (before == after and again == (write_seq, rcv_nxt)
-                and len(send_q) == outq and len(recv_q) == inq):
+        # In repair mode the application can neither read nor write, so write_seq and
+        # copied_seq are fixed; rcv_nxt, snd_una and snd_nxt move only with the lengths.
+        if before == after and len(send_q) == outq and len(recv_q) == inq:
             break
         if flags & F_WINDOW:  # the window moved with the queues: read it again
             window = _WINDOW.unpack(sock.getsockopt(socket.IPPROTO_TCP, C.TCP_REPAIR_WINDOW, _WINDOW.size))

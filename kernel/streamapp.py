@@ -423,6 +423,35 @@ class StreamServer:
         finally:
             self.resume()
 
+    def detach_all(self) -> list[tuple[socket.socket, StreamState]]:
+        """Take every connection out under one pause (a pass moves them all at once)."""
+        self.pause()
+        try:
+            out = []
+            for c in list(self._conns.values()):
+                if c.conn_id is None:  # no hello yet: nothing to pass, it stays here
+                    continue
+                self._forget(c)
+                out.append((c.sock, c.state()))
+            return out
+        finally:
+            self.resume()
+
+    def attach_all(self, pairs: list[tuple[socket.socket, StreamState]]) -> None:
+        """Adopt many sockets under one pause, so the first starts as soon as the last."""
+        self.pause()
+        try:
+            for sock, state in pairs:
+                sock.setblocking(False)
+                c = _Conn(sock, state)
+                self._conns[sock] = c
+                self._interest(c)
+                if c.peer_eof:
+                    c.flush_deadline = time.monotonic() + self.flush_timeout
+        finally:
+            self.resume()
+        self._wake()
+
     def attach(self, sock: socket.socket, state: StreamState | None = None) -> None:
         """Adopt a socket: a fresh accepted one (state None) or a restored one."""
         sock.setblocking(False)
