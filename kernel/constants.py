@@ -37,6 +37,8 @@ SIOCOUTQNSD = 0x894B       # output queue not yet sent
 
 # include/uapi/linux/in.h, in6.h
 IP_FREEBIND = 15
+IP_TRANSPARENT = 19
 IPV6_FREEBIND = 78
+IPV6_TRANSPARENT = 75
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33

@@ -5,13 +5,16 @@ the virtual IP from A, starts the unmodified peer (``peers/stream_peer.py``, a p
 socket program) with N connections sending and receiving at once, and in the middle of
 the transfer passes every connection to B::
 
-    origin A                                destination B
-    pause app, isolate all, dump all  --ICI+app state-->  isolate tuples (no RST yet)
-    remove VIP                                            add VIP, gratuitous ARP / NA
-                                                          probe peers: learn L
-                                                          create all (repair mode)
-                                                          lift isolation, activate all
-    close silently, lift isolation                        app resumes at its offsets
+    origin A                                    destination B
+    pause app, isolate all, dump all
+    probe peers (A still has the VIP): learn L
+    ICI + L + app state  ---------------------->  create all in repair mode (freebind)
+    remove VIP                                    add VIP, gratuitous ARP / NA
+                                                  activate all, app resumes at its offsets
+    close silently, lift isolation
+
+The endpoints exist on B before the VIP arrives, so B's kernel never meets a segment of
+these connections without a socket (it would answer RST).
 
 The peer checks every byte and reports loss, duplication, resets and its longest pause.
 """
@@ -27,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import netns, passing, probe, repair, vip
+from . import netns, nudge, passing, probe, repair, vip
 from .isolate import Isolation
 from .streamapp import StreamServer, StreamState
 from .topology import Topology
@@ -44,6 +47,7 @@ class PassResult:
     restore_us: list
     activate_us: list
     probed: int
+    nudged: int
     pass_ms: float
     phases_ms: dict
 
@@ -63,12 +67,12 @@ def _listen(addr: str, port: int, family: int):
 
 
 def pass_all(topo: Topology, origin_app: StreamServer, dest_app: StreamServer, vip_addr: str,
-             origin_iso: Isolation, dest_iso: Isolation, prober: probe.Prober | None, *,
+             origin_iso: Isolation, prober: probe.Prober | None, *,
              corrupt_one: bool = False) -> PassResult:
     """Move every connection of ``origin_app`` to ``dest_app`` (see the module diagram).
 
     If the destination refuses any record, everything is undone: the destination keeps
-    nothing, the VIP stays (or returns) on the origin, and the origin's connections resume.
+    nothing, the VIP stays on the origin, and the origin's connections resume.
     """
     timings = passing.Timings()
     phases = {}
@@ -78,52 +82,50 @@ def pass_all(topo: Topology, origin_app: StreamServer, dest_app: StreamServer, v
         phases[name] = round((time.perf_counter() - t0) * 1000, 3)
 
     conns = origin_app.detach_all()
+    mark("app_paused")
+    def ts_for(ici):  # the clock the restored socket will run: never behind the probe's
+        return repair.advanced_timestamp(ici.ts_val, time.time_ns() - ici.dump_time_ns
+                                         + repair.DEFAULT_TS_SKEW_NS)
+
+    def ask(i, ici):  # A still holds the VIP: the answers come here, while A dumps on
+        prober.send(i, ici, ts_for(ici))
+
     with netns.enter(topo.origin):
-        exported = passing.export([(s, st.to_bytes()) for s, st in conns], origin_iso, timings)
-    mark("exported")
-    records = [passing.pack(e.ici, e.app_state) for e in exported]
-    mark("packed")
+        if prober is not None:
+            prober.begin()
+        exported = passing.export([(s, st.to_bytes()) for s, st in conns], origin_iso, timings,
+                                  on_dump=ask if prober is not None else None)
+        mark("exported")
+        answers = prober.collect(ts_for=ts_for) if prober is not None else {}
+        mark("probed")
+    records = [passing.pack(e.ici, e.app_state, answers[i].acked if i in answers else None)
+               for i, e in enumerate(exported)]
     if corrupt_one and records:
         bad = bytearray(records[-1])
         bad[-1] ^= 0xFF  # a flipped byte in transit
         records[-1] = bytes(bad)
-    tuples = [(str(e.ici.local_addr), e.ici.local_port, str(e.ici.remote_addr), e.ici.remote_port)
-              for e in exported]
-    vip_moved = False
+    mark("packed")
     made = []
+    vip_moved = False
     try:
         with netns.enter(topo.destination):
-            decoded = [passing.unpack(r) for r in records]  # refuses a bad record before any move
-            mark("decoded")
-            dest_iso.isolate(tuples)
+            made = passing.import_(records, freebind=True, timings=timings)
+        mark("created")
         vip.remove_vip(topo.origin, vip_addr, topo.ifname)
-        mark("vip_removed")
-        mark("dest_isolated")
         vip.add_vip(topo.destination, vip_addr, topo.ifname)
         vip_moved = True
         vip.announce(topo.destination, vip_addr, topo.ifname)
         mark("vip_moved")
-        answers = {}
-        with netns.enter(topo.destination):
-            if prober is not None:
-                now = time.time_ns()
-                answers = prober.ask([ici for ici, _ in decoded], ts_for=lambda ici: (
-                    repair.advanced_timestamp(ici.ts_val, now - ici.dump_time_ns + repair.DEFAULT_TS_SKEW_NS)))
-            mark("probed")
-            for i, (ici, state) in enumerate(decoded):
-                t = time.perf_counter()
-                acked = answers[i].acked if i in answers else None
-                made.append((repair.restore(ici, freebind=True, peer_acked=acked), state))
-                timings.restore_us.append((time.perf_counter() - t) * 1e6)
-            mark("created")
-            dest_iso.release(tuples)
-            passing.activate_all(made, timings)
+        passing.activate_all(made, timings)
         mark("activated")
+        behind = [e.ici for i, e in enumerate(exported)
+                  if i in answers and answers[i].peer_seq != e.ici.rcv_nxt]
+        with netns.enter(topo.destination):  # peers with unacknowledged data: undo backoff
+            nudged = nudge.nudge(behind)
+        mark("nudged")
     except BaseException:
         for restored, _ in made:
             repair.close_silently(restored.sock)
-        with netns.enter(topo.destination):
-            dest_iso.release(tuples)
         if vip_moved:
             vip.remove_vip(topo.destination, vip_addr, topo.ifname)
             vip.add_vip(topo.origin, vip_addr, topo.ifname)
@@ -138,13 +140,15 @@ def pass_all(topo: Topology, origin_app: StreamServer, dest_app: StreamServer, v
         passing.finish(exported, origin_iso)
     mark("origin_released")
     return PassResult(len(exported), timings.dump_us, timings.restore_us, timings.activate_us,
-                      len(answers), phases["activated"], phases)
+                      len(answers), nudged, phases["activated"], phases)
 
 
-def reconnect_baseline(topo: Topology, addr: str, family: int, samples: int = 50) -> list[float]:
+def reconnect_baseline(topo: Topology, family: int, samples: int = 50) -> list[float]:
     """The cost of a fresh connect and accept on the same path (the alternative to passing)."""
     import socket
     fam = socket.AF_INET6 if family == 6 else socket.AF_INET
+    host = topo.hosts[topo.destination]
+    addr = host.ipv6 if family == 6 else host.ipv4
     with netns.enter(topo.destination):
         ls = _listen(addr, PORT + 1, family)
     out = []
@@ -194,11 +198,9 @@ def run(connections: int = 100, *, family: int = 4, warmup_s: float = 1.0, after
             listener = _listen(addr, PORT, family)
         origin_app = StreamServer(listener).start()
         dest_app = StreamServer().start()
-        origin_iso, dest_iso = Isolation(), Isolation()
-        with netns.enter(topo.origin):
+        origin_iso = Isolation()
+        with netns.enter(topo.origin):  # prepared before the pass, off its critical path
             origin_iso.ensure()
-        with netns.enter(topo.destination):  # prepared before the pass, off its critical path
-            dest_iso.ensure()
             prober = probe.Prober(topo.ifname) if learn_acked else None
         tmp = Path(tempfile.mkdtemp(prefix="tcpcp-pass-"))
         stop, progress = tmp / "stop", tmp / "progress.json"
@@ -212,13 +214,19 @@ def run(connections: int = 100, *, family: int = 4, warmup_s: float = 1.0, after
         peer = netns.popen(topo.peer, argv, stdout=__import__("subprocess").PIPE,
                            stderr=__import__("subprocess").PIPE, text=True)
         result = None
+        baseline_stall = None
         error = None
         try:
             _wait_flowing(progress, connections, peer)
             time.sleep(warmup_s)
+            try:  # the pauses the peer saw before the pass: this path's own baseline
+                before = json.loads(progress.read_text())
+                baseline_stall = max(before["max_recv_gap_ms"], before["max_send_block_ms"])
+            except (OSError, ValueError, KeyError):
+                baseline_stall = None
             log(f"traffic flowing on {connections} connections; passing A -> B")
             try:
-                result = pass_all(topo, origin_app, dest_app, addr, origin_iso, dest_iso, prober,
+                result = pass_all(topo, origin_app, dest_app, addr, origin_iso, prober,
                                   corrupt_one=corrupt_one)
                 log(f"passed {result.connections} connections in {result.pass_ms:.1f} ms")
             except Exception as exc:  # reported in the figures; the run goes on (undo tested)
@@ -241,7 +249,7 @@ def run(connections: int = 100, *, family: int = 4, warmup_s: float = 1.0, after
             peer_report = json.loads(out.strip().splitlines()[-1])
         except (ValueError, IndexError):
             raise RuntimeError(f"peer gave no report: rc={peer.returncode} {err[-2000:]}") from None
-        reconnect = reconnect_baseline(topo, addr, family)
+        reconnect = reconnect_baseline(topo, family)
         server = {"origin": origin_app.stats(), "destination": dest_app.stats()}
     med = lambda xs: round(statistics.median(xs), 1) if xs else None
     return {
@@ -259,9 +267,11 @@ def run(connections: int = 100, *, family: int = 4, warmup_s: float = 1.0, after
         "resets": peer_report["resets"],
         "early_fins": peer_report.get("early_fins", 0),
         "max_stall_ms": peer_report["max_stall_ms"],
+        "baseline_stall_ms": baseline_stall,
         "pass_ms": result.pass_ms if result else None,
         "phases_ms": result.phases_ms if result else None,
         "probed": result.probed if result else 0,
+        "nudged": result.nudged if result else 0,
         "dump_us_median": med(result.dump_us) if result else None,
         "restore_us_median": med(result.restore_us) if result else None,
         "activate_us_median": med(result.activate_us) if result else None,

@@ -22,28 +22,42 @@ from .ici import ICI
 from .isolate import Isolation, tuple_of
 from .repair import Restored
 
-_RECORD = struct.Struct(">4sII")  # magic, ICI length, application state length
+# magic, flags (bit 0: peer_acked known), peer_acked, ICI length, application state length
+_RECORD = struct.Struct(">4sIIII")
 _RECORD_MAGIC = b"TCPP"
+_HAS_ACKED = 1
 
 
-def pack(ici: ICI, app_state: bytes) -> bytes:
+@dataclass(frozen=True)
+class Record:
     """One connection as it travels from origin to destination."""
+
+    ici: ICI
+    app_state: bytes
+    peer_acked: int | None = None  # the peer's rcv_nxt, learned by probing (kernel.probe)
+
+
+def pack(ici: ICI, app_state: bytes, peer_acked: int | None = None) -> bytes:
     raw = ici.encode()
-    return b"".join((_RECORD.pack(_RECORD_MAGIC, len(raw), len(app_state)), raw, app_state))
+    flags = _HAS_ACKED if peer_acked is not None else 0
+    return b"".join((_RECORD.pack(_RECORD_MAGIC, flags, peer_acked or 0, len(raw), len(app_state)),
+                     raw, app_state))
 
 
-def unpack(blob: bytes) -> tuple[ICI, bytes]:
+def unpack(blob: bytes) -> Record:
     """Inverse of ``pack``; any defect raises ICIError or ValueError, never restores."""
     if len(blob) < _RECORD.size:
         raise ValueError("passing record truncated")
-    magic, ici_len, app_len = _RECORD.unpack_from(blob)
+    magic, flags, acked, ici_len, app_len = _RECORD.unpack_from(blob)
     if magic != _RECORD_MAGIC:
         raise ValueError(f"not a passing record: {magic!r}")
+    if flags & ~_HAS_ACKED:
+        raise ValueError(f"passing record has unknown flags 0x{flags:x}")
     if len(blob) != _RECORD.size + ici_len + app_len:
         raise ValueError(f"passing record length {len(blob)} disagrees with its header")
     view = memoryview(blob)
     ici = ICI.decode(view[_RECORD.size:_RECORD.size + ici_len])
-    return ici, bytes(view[_RECORD.size + ici_len:])
+    return Record(ici, bytes(view[_RECORD.size + ici_len:]), acked if flags & _HAS_ACKED else None)
 
 
 @dataclass
@@ -63,8 +77,12 @@ class Timings:
 
 
 def export(conns: list[tuple[socket.socket, bytes]], isolation: Isolation,
-           timings: Timings | None = None) -> list[Exported]:
-    """Isolate and dump every connection. On any failure all of them are returned intact."""
+           timings: Timings | None = None, on_dump=None) -> list[Exported]:
+    """Isolate and dump every connection. On any failure all of them are returned intact.
+
+    ``on_dump(index, ici)`` runs right after each dump (the pass sends that peer its
+    probe there, so answers come back while the next endpoints are dumped).
+    """
     tuples = [_tuple(sock) for sock, _ in conns]
     isolation.isolate(tuples)
     done: list[Exported] = []
@@ -80,6 +98,8 @@ def export(conns: list[tuple[socket.socket, bytes]], isolation: Isolation,
             if timings is not None:
                 timings.dump_us.append((time.perf_counter() - t0) * 1e6)
             done.append(Exported(sock, ici, state))
+            if on_dump is not None:
+                on_dump(len(done) - 1, ici)
     except BaseException as exc:
         for item in done:
             _quietly(repair.repair_off, item.sock, True)
@@ -93,16 +113,21 @@ def export(conns: list[tuple[socket.socket, bytes]], isolation: Isolation,
 
 def import_(records: list[bytes], *, freebind: bool = True,
             timings: Timings | None = None) -> list[tuple[Restored, bytes]]:
-    """Create every endpoint in repair mode. All or nothing: on failure none is left."""
+    """Create every endpoint in repair mode. All or nothing.
+
+    Every record is decoded and validated before the first socket is made, so a bad
+    record refuses the whole pass without touching the kernel; a kernel failure closes
+    (silently) whatever was created.
+    """
+    decoded = [unpack(blob) for blob in records]
     made: list[tuple[Restored, bytes]] = []
     try:
-        for blob in records:
+        for rec in decoded:
             t0 = time.perf_counter()
-            ici, state = unpack(blob)
-            restored = repair.restore(ici, freebind=freebind)
+            restored = repair.restore(rec.ici, freebind=freebind, peer_acked=rec.peer_acked)
             if timings is not None:
                 timings.restore_us.append((time.perf_counter() - t0) * 1e6)
-            made.append((restored, state))
+            made.append((restored, rec.app_state))
     except BaseException:
         for restored, _ in made:
             repair.close_silently(restored.sock)

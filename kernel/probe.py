@@ -20,6 +20,8 @@ hook drops it.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import ipaddress
 import os
 import select
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 from .ici import ICI
 
 ETH_P_ALL = 0x0003
+SO_ATTACH_FILTER = 26
 ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
 
@@ -80,23 +83,34 @@ def segment(ici: ICI, ts_val: int | None, *, payload: bytes = b"\0") -> bytes:
 
 
 def parse(packet: bytes):
-    """(src, sport, dst, dport, seq, ack, flags, window) of an IP/TCP packet, or None."""
+    """(src, sport, dst, dport, seq, ack, flags, window, payload length) of an IP/TCP
+    packet, or None. The packet must be exactly the IP datagram (AF_PACKET SOCK_DGRAM)."""
     if not packet:
         return None
     version = packet[0] >> 4
     if version == 4 and len(packet) >= 20:
         ihl = (packet[0] & 0x0F) * 4
-        if packet[9] != socket.IPPROTO_TCP or len(packet) < ihl + 20:
+        if packet[9] != socket.IPPROTO_TCP or len(packet) < ihl + 20 or ihl < 20:
             return None
-        src, dst, tcp = packet[12:16], packet[16:20], packet[ihl:]
+        (total,) = struct.unpack_from("!H", packet, 2)  # frames may carry Ethernet padding
+        src, dst, tcp = packet[12:16], packet[16:20], packet[ihl:total]
     elif version == 6 and len(packet) >= 60:
         if packet[6] != socket.IPPROTO_TCP:  # extension headers are not expected here
             return None
-        src, dst, tcp = packet[8:24], packet[24:40], packet[40:]
+        (length,) = struct.unpack_from("!H", packet, 4)
+        src, dst, tcp = packet[8:24], packet[24:40], packet[40:40 + length]
     else:
         return None
-    sport, dport, seq, ack, _, flags, window = struct.unpack_from("!HHIIBBH", tcp)
-    return (ipaddress.ip_address(src), sport, ipaddress.ip_address(dst), dport, seq, ack, flags, window)
+    if len(tcp) < 20:
+        return None
+    sport, dport, seq, ack, offset, flags, window = struct.unpack_from("!HHIIBBH", tcp)
+    payload = max(0, len(tcp) - (offset >> 4) * 4)
+    return (_ip(src), sport, _ip(dst), dport, seq, ack, flags, window, payload)
+
+
+@functools.lru_cache(maxsize=4096)
+def _ip(raw: bytes):
+    return ipaddress.ip_address(raw)
 
 
 def _mac_of(ifname: str, addr) -> bytes:
@@ -138,6 +152,7 @@ class Prober:
         self.ifname = ifname
         self.rx = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
         try:
+            self._filter(accept=False)  # until asked, the kernel queues nothing for us
             self.rx.bind((ifname, ETH_P_ALL))
             self.rx.setblocking(False)
             # Answers from a thousand peers arrive in a burst beside bulk data: room for all.
@@ -148,6 +163,16 @@ class Prober:
             raise
         self._macs: dict = {}
         self.rounds = 0
+
+    def _filter(self, accept: bool) -> None:
+        """A one-instruction classic BPF filter: ``ret #0`` (drop all) or ``ret #-1``.
+
+        An unfiltered ETH_P_ALL socket would copy every packet of the host's bulk traffic
+        while the pass is being prepared, and draining that backlog would delay the answers.
+        """
+        self._prog = (ctypes.c_uint8 * 8)(*struct.pack("=HBBI", 0x06, 0, 0, 0xFFFFFFFF if accept else 0))
+        fprog = struct.pack("=HxxxxxxQ", 1, ctypes.addressof(self._prog))
+        self.rx.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
     def close(self) -> None:
         self.rx.close()
@@ -166,39 +191,72 @@ class Prober:
             except BlockingIOError:
                 return
 
+    def begin(self) -> None:
+        """Start a round of questions: from now on answers are collected.
+
+        Questions are then sent one by one (``send``) as each endpoint is dumped, so
+        peers answer while the next ones are dumped, and ``collect`` waits for the rest.
+        """
+        self._drain()  # what the socket caught before the question is not an answer
+        self._filter(accept=True)
+        self._icis: dict[int, ICI] = {}
+        self._want: dict = {}
+        self._seen: dict[int, Answer] = {}
+        self._answered: set[int] = set()
+
+    def send(self, i: int, ici: ICI, ts_val: int | None = None) -> None:
+        """Ask the peer of ``ici`` (known as ``i`` in the answers) how far it got."""
+        self._collect()  # whatever arrived so far predates this question
+        self._icis[i] = ici
+        self._want[(ici.remote_addr, ici.remote_port, ici.local_addr, ici.local_port)] = i
+        proto = ETH_P_IPV6 if ici.family == 6 else ETH_P_IP
+        mac = self._macs.get(ici.remote_addr)
+        if mac is None:
+            mac = self._macs[ici.remote_addr] = _mac_of(self.ifname, ici.remote_addr)
+        self.tx.sendto(segment(ici, ts_val), (self.ifname, proto, 0, 0, mac))
+
+    def collect(self, *, timeout: float = 0.03, retries: int = 5, ts_for=None) -> dict[int, Answer]:
+        """Wait for answers; ask again whoever is silent; end the round. {index: Answer}."""
+        try:
+            for attempt in range(retries):
+                deadline = time.monotonic() + timeout
+                while len(self._answered) < len(self._icis):
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not select.select([self.rx], [], [], left)[0]:
+                        break
+                    self._collect()
+                self.rounds = attempt + 1
+                silent = [i for i in self._icis if i not in self._answered]
+                if not silent or attempt == retries - 1:
+                    break
+                for i in silent:
+                    ici = self._icis[i]
+                    self.send(i, ici, ts_for(ici) if ts_for else None)
+            return self._answers
+        finally:
+            self._filter(accept=False)
+
     def ask(self, icis: list[ICI], *, timeout: float = 0.03, retries: int = 5,
             ts_for=None) -> dict[int, Answer]:
         """Probe every peer; return {index in icis: Answer} for those that answered.
 
-        Call it in the destination's namespace after the virtual IP moved there, with the
-        tuples isolated on the destination. ``ts_for(ici)`` gives the timestamp to send.
+        Call it where the answers arrive (the host that holds the virtual IP), with the
+        tuples isolated there. ``ts_for(ici)`` gives the timestamp value to send.
         """
-        self._drain()  # what the socket caught before the question is not an answer
-        want = {(ici.remote_addr, ici.remote_port, ici.local_addr, ici.local_port): i
-                for i, ici in enumerate(icis)}
-        answers: dict[int, Answer] = {}
-        for _attempt in range(retries):
-            pending = [i for i in range(len(icis)) if i not in answers]
-            if not pending:
-                break
-            for i in pending:
-                ici = icis[i]
-                proto = ETH_P_IPV6 if ici.family == 6 else ETH_P_IP
-                mac = self._macs.get(ici.remote_addr)
-                if mac is None:
-                    mac = self._macs[ici.remote_addr] = _mac_of(self.ifname, ici.remote_addr)
-                ts = ts_for(ici) if ts_for else None
-                self.tx.sendto(segment(ici, ts), (self.ifname, proto, 0, 0, mac))
-            deadline = time.monotonic() + timeout
-            while len(answers) < len(icis):
-                left = deadline - time.monotonic()
-                if left <= 0 or not select.select([self.rx], [], [], left)[0]:
-                    break
-                self._collect(want, answers)
-        self.rounds = _attempt + 1
-        return answers
+        self.begin()
+        for i, ici in enumerate(icis):
+            self.send(i, ici, ts_for(ici) if ts_for else None)
+        return self.collect(timeout=timeout, retries=retries, ts_for=ts_for)
 
-    def _collect(self, want: dict, answers: dict) -> None:
+    def _collect(self) -> None:
+        """Read what arrived.
+
+        Any packet the peer sent after our question carries its current ack: the answer
+        to the question is a pure ACK, or data with the ACK piggybacked when our question
+        opened the peer's window. Acks only grow, and nothing can advance the peer's
+        rcv_nxt while the endpoint is isolated, so the largest ack seen (in 32-bit serial
+        order) after the question is L.
+        """
         while True:
             try:
                 packet, addr = self.rx.recvfrom(65535)
@@ -209,8 +267,20 @@ class Prober:
             fields = parse(packet)
             if fields is None:
                 continue
-            src, sport, dst, dport, seq, ack, flags, window = fields
-            i = want.get((src, sport, dst, dport))
+            src, sport, dst, dport, seq, ack, flags, window, _payload = fields
+            i = self._want.get((src, sport, dst, dport))
             if i is None or not flags & TH_ACK or flags & (TH_RST | TH_SYN):
                 continue
-            answers[i] = Answer(acked=ack, peer_seq=seq, window=window)
+            old = self._seen.get(i)
+            if old is not None:
+                ack, seq = _serial_max(ack, old.acked), _serial_max(seq, old.peer_seq)
+            self._seen[i] = Answer(acked=ack, peer_seq=seq, window=window)
+            self._answered.add(i)
+
+    @property
+    def _answers(self) -> dict[int, Answer]:
+        return {i: self._seen[i] for i in self._answered}
+
+
+def _serial_max(a: int, b: int) -> int:
+    return a if ((a - b) & 0xFFFFFFFF) < 1 << 31 else b

@@ -19,7 +19,7 @@ Restore (new socket)::
     TCP_REPAIR=1
     TCP_REPAIR_QUEUE=SEND TCP_QUEUE_SEQ=snd_una     (advanced by writing the sent queue)
     TCP_REPAIR_QUEUE=RECV TCP_QUEUE_SEQ=copied_seq  (advanced by writing the recv queue)
-    IP_FREEBIND (if asked), buffers, bind(local)  (no SO_REUSEADDR: it would undo the
+    IP_FREEBIND + IP_TRANSPARENT (if asked), buffers, bind(local)  (no SO_REUSEADDR: it would undo the
                                                   SK_FORCE_REUSE that repair mode sets)
     TCP_MAXSEG=mss_clamp                            before connect, or MSS starts at 524
     connect(remote)                                 no SYN in repair mode: ESTABLISHED
@@ -272,9 +272,14 @@ def restore(ici: ICI, *, sock: socket.socket | None = None, port: int | None = N
         _setint(sock, socket.IPPROTO_TCP, C.TCP_QUEUE_SEQ, _signed(ici.copied_seq), "TCP_QUEUE_SEQ recv")
         if own:
             if freebind:
-                level, opt = (socket.IPPROTO_IPV6, C.IPV6_FREEBIND) if ici.family == 6 \
-                    else (socket.IPPROTO_IP, C.IP_FREEBIND)
-                _setint(sock, level, opt, 1, "IP_FREEBIND")
+                # FREEBIND lets bind() take the address; connect() still needs a route from
+                # a non-local source, which only TRANSPARENT (FLOWI_FLAG_ANYSRC) gives.
+                if ici.family == 6:
+                    _setint(sock, socket.IPPROTO_IPV6, C.IPV6_FREEBIND, 1, "IPV6_FREEBIND")
+                    _setint(sock, socket.IPPROTO_IPV6, C.IPV6_TRANSPARENT, 1, "IPV6_TRANSPARENT")
+                else:
+                    _setint(sock, socket.IPPROTO_IP, C.IP_FREEBIND, 1, "IP_FREEBIND")
+                    _setint(sock, socket.IPPROTO_IP, C.IP_TRANSPARENT, 1, "IP_TRANSPARENT")
             _size_buffers(sock, ici, len(pending))
             bind_port = ici.local_port if port is None else port
             try:

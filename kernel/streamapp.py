@@ -522,6 +522,8 @@ class StreamServer:
                         self._accept()
                     elif key.data.sock in self._conns:
                         self._service(key.data, mask)
+                    if self._pause_depth:  # a pass is waiting: stop mid-round
+                        break
                 if self._flushing:
                     self._flush(time.monotonic())
         finally:

@@ -449,6 +449,9 @@ class Peer:
             'received': [c.received for c in self.conns],
             'errors': sum(c.verifier.lost + c.verifier.duplicated + c.verifier.corrupt
                           + c.reset for c in self.conns),
+            # the longest pauses so far: a harness reads them as the baseline before an event
+            'max_recv_gap_ms': round(max((c.max_gap for c in self.conns), default=0) * 1000, 3),
+            'max_send_block_ms': round(max((c.max_block for c in self.conns), default=0) * 1000, 3),
         }
         tmp = self.args.progress_file + '.tmp'
         with open(tmp, 'w') as f:

@@ -14,7 +14,8 @@ from ici_cases import CASES
 def test_probe_is_one_old_byte_with_valid_checksums(name):
     ici = CASES[name]
     packet = segment(ici, ts_val=4242)
-    src, sport, dst, dport, seq, ack, flags, window = parse(packet)
+    src, sport, dst, dport, seq, ack, flags, window, payload = parse(packet)
+    assert payload == 1
     assert (src, sport, dst, dport) == (ici.local_addr, ici.local_port, ici.remote_addr, ici.remote_port)
     assert seq == (ici.snd_una - 1) & 0xFFFFFFFF   # one byte the peer already has
     assert ack == ici.rcv_nxt
@@ -37,7 +38,33 @@ def test_window_is_scaled_down():
     assert window == 131072 >> 9
 
 
+def test_parse_ignores_ethernet_padding():
+    ici = CASES["v4_minimal"].replace(rcv_wnd=0)
+    packet = segment(ici, None, payload=b"") + b"\0" * 6  # a 40-byte ACK padded to 46
+    assert parse(packet)[8] == 0
+
+
 def test_parse_ignores_non_tcp_and_short_packets():
     assert parse(b"") is None
     assert parse(b"\x45" + b"\0" * 8 + b"\x11" + b"\0" * 30) is None  # UDP
     assert parse(b"\x60" + b"\0" * 10) is None
+
+
+@pytest.mark.parametrize("name", ["v4_full", "v6_usec_ts"])
+def test_nudge_quotes_the_peers_oldest_unacknowledged_byte(name):
+    from kernel.nudge import icmp_unreachable
+
+    ici = CASES[name]
+    msg = icmp_unreachable(ici)
+    if ici.family == 4:
+        assert msg[:2] == bytes([3, 1])            # destination unreachable, host unreachable
+        assert _csum(msg) == 0
+        quoted_ip, quoted_tcp = msg[8:28], msg[28:36]
+        assert quoted_ip[12:16] == ici.remote_addr.packed and quoted_ip[16:20] == ici.local_addr.packed
+        assert _csum(quoted_ip) == 0
+    else:
+        assert msg[:2] == bytes([1, 0])            # ICMPv6 destination unreachable, no route
+        quoted_ip, quoted_tcp = msg[8:48], msg[48:56]
+        assert quoted_ip[8:24] == ici.remote_addr.packed and quoted_ip[24:40] == ici.local_addr.packed
+    sport, dport, seq = struct.unpack("!HHI", quoted_tcp)
+    assert (sport, dport, seq) == (ici.remote_port, ici.local_port, ici.rcv_nxt)
