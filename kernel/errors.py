@@ -39,7 +39,7 @@ class KernelError(TcpcpError, OSError):
         text = f"{step}: {os.strerror(err)} (errno {err})"
         if detail:
             text += f": {detail}"
-        if err == _errno.EPERM:
+        if err == _errno.EPERM and step.startswith("TCP_REPAIR"):
             text += "; TCP_REPAIR needs CAP_NET_ADMIN in the socket's network namespace"
         OSError.__init__(self, err, text)
         self.step = step

@@ -15,6 +15,7 @@ thread's namespace), so callers enter the host's namespace first.
 from __future__ import annotations
 
 import ipaddress
+import json
 import subprocess
 from typing import Iterable
 
@@ -101,11 +102,26 @@ class Isolation:
             nft(script, "isolate")
 
     def release(self, tuples: Iterable[Tuple4]) -> None:
-        """Remove the per-connection rules (after the pass, or to undo a failed one)."""
+        """Remove the per-connection rules (after the pass, or to undo a failed one).
+
+        Idempotent: an undo path must be able to release what it may never have isolated.
+        nft refuses a whole batch if one element is missing, so on failure each element is
+        retried alone and "not there" is ignored.
+        """
+        tuples = list(tuples)
         script = _element_script("delete", tuples)
-        if script:
-            self.ensure()
+        if not script:
+            return
+        self.ensure()
+        try:
             nft(script, "un-isolate")
+        except KernelError:
+            for one in tuples:
+                try:
+                    nft(_element_script("delete", [one]), "un-isolate")
+                except KernelError as exc:
+                    if "No such file or directory" not in str(exc):
+                        raise
 
     def isolated(self) -> set[str]:
         """The set elements now present, as nft prints them (for tests and operators)."""
@@ -113,7 +129,6 @@ class Isolation:
                              capture_output=True, text=True)
         if out.returncode != 0:
             return set()
-        import json
         found = set()
         for item in json.loads(out.stdout).get("nftables", []):
             for elem in item.get("set", {}).get("elem", []) or []:

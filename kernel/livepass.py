@@ -102,7 +102,7 @@ def pass_all(topo: Topology, origin_app: StreamServer, dest_app: StreamServer, v
                for i, e in enumerate(exported)]
     if corrupt_one and records:
         bad = bytearray(records[-1])
-        bad[-1] ^= 0xFF  # a flipped byte in transit
+        bad[len(bad) // 2] ^= 0xFF  # a byte damaged in transit
         records[-1] = bytes(bad)
     mark("packed")
     made = []
@@ -202,7 +202,8 @@ def run(connections: int = 100, *, family: int = 4, warmup_s: float = 1.0, after
         with netns.enter(topo.origin):  # prepared before the pass, off its critical path
             origin_iso.ensure()
             prober = probe.Prober(topo.ifname) if learn_acked else None
-        tmp = Path(tempfile.mkdtemp(prefix="tcpcp-pass-"))
+        tmpdir = tempfile.TemporaryDirectory(prefix="tcpcp-pass-")
+        tmp = Path(tmpdir.name)
         stop, progress = tmp / "stop", tmp / "progress.json"
         target = f"[{addr}]:{PORT}" if family == 6 else f"{addr}:{PORT}"
         argv = [sys.executable, str(PEER), "--connect", target, "--connections", str(connections),
@@ -245,6 +246,7 @@ def run(connections: int = 100, *, family: int = 4, warmup_s: float = 1.0, after
             listener.close()
             if prober is not None:
                 prober.close()
+            tmpdir.cleanup()
         try:
             peer_report = json.loads(out.strip().splitlines()[-1])
         except (ValueError, IndexError):

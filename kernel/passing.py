@@ -14,16 +14,21 @@ from __future__ import annotations
 import socket
 import struct
 import time
+import zlib
 from dataclasses import dataclass, field
 
 from . import repair
-from .errors import PassingError, TcpcpError
+from .errors import ICIError, PassingError, TcpcpError
 from .ici import ICI
 from .isolate import Isolation, tuple_of
 from .repair import Restored
 
-# magic, flags (bit 0: peer_acked known), peer_acked, ICI length, application state length
+# magic, flags (bit 0: peer_acked known), peer_acked, ICI length, application state length;
+# then the ICI, the application state, and a CRC-32 of everything before it (the ICI has
+# its own, but the header and the application state need one too: a flipped offset would
+# otherwise resume the application silently wrong).
 _RECORD = struct.Struct(">4sIIII")
+_CRC = struct.Struct(">I")
 _RECORD_MAGIC = b"TCPP"
 _HAS_ACKED = 1
 
@@ -40,24 +45,30 @@ class Record:
 def pack(ici: ICI, app_state: bytes, peer_acked: int | None = None) -> bytes:
     raw = ici.encode()
     flags = _HAS_ACKED if peer_acked is not None else 0
-    return b"".join((_RECORD.pack(_RECORD_MAGIC, flags, peer_acked or 0, len(raw), len(app_state)),
-                     raw, app_state))
+    head = _RECORD.pack(_RECORD_MAGIC, flags, peer_acked or 0, len(raw), len(app_state))
+    crc = zlib.crc32(app_state, zlib.crc32(raw, zlib.crc32(head)))
+    return b"".join((head, raw, app_state, _CRC.pack(crc)))
 
 
 def unpack(blob: bytes) -> Record:
-    """Inverse of ``pack``; any defect raises ICIError or ValueError, never restores."""
-    if len(blob) < _RECORD.size:
-        raise ValueError("passing record truncated")
+    """Inverse of ``pack``; any defect raises ICIError (``field`` "record" for the
+    envelope, the ICI's own field names inside it), never restores."""
+    if len(blob) < _RECORD.size + _CRC.size:
+        raise ICIError("record", f"passing record truncated: {len(blob)} bytes")
     magic, flags, acked, ici_len, app_len = _RECORD.unpack_from(blob)
     if magic != _RECORD_MAGIC:
-        raise ValueError(f"not a passing record: {magic!r}")
-    if flags & ~_HAS_ACKED:
-        raise ValueError(f"passing record has unknown flags 0x{flags:x}")
-    if len(blob) != _RECORD.size + ici_len + app_len:
-        raise ValueError(f"passing record length {len(blob)} disagrees with its header")
+        raise ICIError("record", f"not a passing record: {magic!r}")
+    if len(blob) != _RECORD.size + ici_len + app_len + _CRC.size:
+        raise ICIError("record", f"length {len(blob)} disagrees with its header")
     view = memoryview(blob)
-    ici = ICI.decode(view[_RECORD.size:_RECORD.size + ici_len])
-    return Record(ici, bytes(view[_RECORD.size + ici_len:]), acked if flags & _HAS_ACKED else None)
+    ici = ICI.decode(view[_RECORD.size:_RECORD.size + ici_len])  # its own CRC: names the field
+    (crc,) = _CRC.unpack_from(blob, len(blob) - _CRC.size)
+    if crc != zlib.crc32(view[:-_CRC.size]):
+        raise ICIError("record", "checksum mismatch: header or application state corrupted")
+    if flags & ~_HAS_ACKED:
+        raise ICIError("record", f"unknown flags 0x{flags:x}")
+    app = bytes(view[_RECORD.size + ici_len:_RECORD.size + ici_len + app_len])
+    return Record(ici, app, acked if flags & _HAS_ACKED else None)
 
 
 @dataclass

@@ -7,12 +7,12 @@ Dump (socket already in repair mode, see ``repair_on``)::
 
     TCP_INFO                 state, negotiated options, both window scales
     TCP_MAXSEG               mss_clamp (repair mode returns rx_opt.mss_clamp)
-    TCP_REPAIR_WINDOW        snd_wl1 snd_wnd max_window rcv_wnd rcv_wup
     TCP_TIMESTAMP            ts_val (bit 0: microsecond clock), wall clock beside it
     SIOCINQ SIOCOUTQ SIOCOUTQNSD                     queue lengths, before
     TCP_REPAIR_QUEUE=SEND  TCP_QUEUE_SEQ  recv(PEEK)  write_seq, send queue bytes
     TCP_REPAIR_QUEUE=RECV  TCP_QUEUE_SEQ  recv(PEEK)  rcv_nxt, receive queue bytes
     SIOCINQ SIOCOUTQ SIOCOUTQNSD                     again: equal, or dump again
+    TCP_REPAIR_WINDOW        snd_wl1 snd_wnd max_window rcv_wnd rcv_wup (after the peeks)
 
 Restore (new socket)::
 
@@ -153,13 +153,6 @@ def dump(sock: socket.socket, *, attempts: int = 8, clock=time.time_ns) -> ICI:
     if options & C.TCPI_OPT_TIMESTAMPS:
         flags |= F_TIMESTAMP
     mss = _getint(sock, C.TCP_MAXSEG, "TCP_MAXSEG")
-    window = (0, 0, 0, 0, 0)
-    try:
-        window = _WINDOW.unpack(sock.getsockopt(socket.IPPROTO_TCP, C.TCP_REPAIR_WINDOW, _WINDOW.size))
-        flags |= F_WINDOW
-    except OSError as exc:  # kernels before 4.8: degrade, restore will skip the window
-        if exc.errno not in (errno.ENOPROTOOPT, errno.EINVAL):
-            raise _fail("TCP_REPAIR_WINDOW get", exc) from None
     for _ in range(attempts):
         ts_val = _getint(sock, C.TCP_TIMESTAMP, "TCP_TIMESTAMP get", unsigned=True) \
             if flags & F_TIMESTAMP else 0
@@ -169,16 +162,23 @@ def dump(sock: socket.socket, *, attempts: int = 8, clock=time.time_ns) -> ICI:
         send_q = _peek(sock, before[1], "send")
         rcv_nxt = _queue_seq(sock, C.TCP_RECV_QUEUE, "recv")
         recv_q = _peek(sock, before[0], "recv")
+        # The window after the peeks: a MSG_PEEK of the receive queue can itself send a
+        # window update (tcp_cleanup_rbuf), moving rcv_wup and rcv_wnd. Read here, the
+        # restored right edge is never left of one the peer may have seen; and it is
+        # still inside the before/after check.
+        window = _window(sock)
         after = _queue_lengths(sock)
         inq, outq, unsent = before
         # In repair mode the application can neither read nor write, so write_seq and
         # copied_seq are fixed; rcv_nxt, snd_una and snd_nxt move only with the lengths.
         if before == after and len(send_q) == outq and len(recv_q) == inq:
             break
-        if flags & F_WINDOW:  # the window moved with the queues: read it again
-            window = _WINDOW.unpack(sock.getsockopt(socket.IPPROTO_TCP, C.TCP_REPAIR_WINDOW, _WINDOW.size))
     else:
         raise InconsistentSnapshot(f"queues kept moving during {attempts} dump attempts")
+    if window is not None:
+        flags |= F_WINDOW
+    else:
+        window = (0, 0, 0, 0, 0)
     snd_nxt = (write_seq - unsent) & 0xFFFFFFFF
     snd_una = (write_seq - outq) & 0xFFFFFFFF
     snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup = window
@@ -193,6 +193,16 @@ def dump(sock: socket.socket, *, attempts: int = 8, clock=time.time_ns) -> ICI:
         ts_val=ts_val, dump_time_ns=now,
         recv_queue=recv_q, sent_queue=send_q[:outq - unsent], unsent_queue=send_q[outq - unsent:],
     )
+
+
+def _window(sock: socket.socket):
+    """TCP_REPAIR_WINDOW, or None on kernels before 4.8 (the restore then skips it)."""
+    try:
+        return _WINDOW.unpack(sock.getsockopt(socket.IPPROTO_TCP, C.TCP_REPAIR_WINDOW, _WINDOW.size))
+    except OSError as exc:
+        if exc.errno in (errno.ENOPROTOOPT, errno.EINVAL):
+            return None
+        raise _fail("TCP_REPAIR_WINDOW get", exc) from None
 
 
 def advanced_timestamp(ts_val: int, elapsed_ns: int) -> int:

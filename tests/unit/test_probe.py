@@ -68,3 +68,22 @@ def test_nudge_quotes_the_peers_oldest_unacknowledged_byte(name):
         assert quoted_ip[8:24] == ici.remote_addr.packed and quoted_ip[24:40] == ici.local_addr.packed
     sport, dport, seq = struct.unpack("!HHI", quoted_tcp)
     assert (sport, dport, seq) == (ici.remote_port, ici.local_port, ici.rcv_nxt)
+
+
+def test_passing_record_round_trip_and_envelope_damage():
+    from kernel import passing
+    from kernel.errors import ICIError
+
+    ici = CASES["v4_full"]
+    blob = passing.pack(ici, b"app-state", peer_acked=102)
+    rec = passing.unpack(blob)
+    assert (rec.ici, rec.app_state, rec.peer_acked) == (ici, b"app-state", 102)
+    assert passing.unpack(passing.pack(ici, b"")).peer_acked is None
+    for pos in (9, 12, len(blob) - 6):  # flags, peer_acked, the application state
+        bad = bytearray(blob)
+        bad[pos] ^= 1
+        with pytest.raises(ICIError) as err:
+            passing.unpack(bytes(bad))
+        assert err.value.field == "record"
+    with pytest.raises(ICIError):
+        passing.unpack(blob[:-1])
