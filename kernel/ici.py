@@ -68,6 +68,10 @@ _TRAILER = struct.Struct(">I")
 OVERHEAD = HEADER_SIZE + _TRAILER.size
 
 
+_WORDS = ("snd_una", "snd_nxt", "write_seq", "rcv_nxt", "copied_seq",
+          "snd_wl1", "snd_wnd", "max_window", "rcv_wnd", "rcv_wup", "ts_val")
+
+
 def _seq_diff(a: int, b: int) -> int:
     """a - b in 32-bit sequence space, as a signed number (RFC 1982 serial arithmetic)."""
     d = (a - b) & 0xFFFFFFFF
@@ -176,11 +180,13 @@ class ICI:
                 raise ICIError(name, f"window scale {value} above {TCP_MAX_WSCALE}")
             if value and not self.wscale:
                 raise ICIError(name, "window scale set but window scaling not negotiated")
-        for name in ("snd_una", "snd_nxt", "write_seq", "rcv_nxt", "copied_seq",
-                     "snd_wl1", "snd_wnd", "max_window", "rcv_wnd", "rcv_wup", "ts_val"):
-            value = getattr(self, name)
-            if not 0 <= value <= 0xFFFFFFFF:
-                raise ICIError(name, f"{value} is not a 32-bit value")
+        words = (self.snd_una, self.snd_nxt, self.write_seq, self.rcv_nxt, self.copied_seq,
+                 self.snd_wl1, self.snd_wnd, self.max_window, self.rcv_wnd, self.rcv_wup, self.ts_val)
+        if not all(0 <= value <= 0xFFFFFFFF for value in words):  # fast path; name it below
+            for name in _WORDS:
+                value = getattr(self, name)
+                if not 0 <= value <= 0xFFFFFFFF:
+                    raise ICIError(name, f"{value} is not a 32-bit value")
         if not 0 <= self.dump_time_ns < 1 << 64:
             raise ICIError("dump_time_ns", "not a 64-bit value")
         if self.ts_val and not self.timestamps:

@@ -14,6 +14,7 @@ thread's namespace), so callers enter the host's namespace first.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import subprocess
@@ -63,11 +64,16 @@ def elements(tuples: Iterable[Tuple4]) -> tuple[list[str], list[str]]:
     """nft set elements for the v4 and v6 sets (pure: tested without root)."""
     v4, v6 = [], []
     for laddr, lport, raddr, rport in tuples:
-        local, remote = ipaddress.ip_address(laddr), ipaddress.ip_address(raddr)
+        local, remote = _ip(str(laddr)), _ip(str(raddr))
         if local.version != remote.version:
             raise ValueError(f"mixed address families in {laddr} -> {raddr}")
         (v4 if local.version == 4 else v6).append(f"{local} . {int(lport)} . {remote} . {int(rport)}")
     return v4, v6
+
+
+@functools.lru_cache(maxsize=4096)
+def _ip(text: str):
+    return ipaddress.ip_address(text)
 
 
 def _element_script(verb: str, tuples: Iterable[Tuple4]) -> str:

@@ -196,8 +196,9 @@ def run(connections: int = 100, *, family: int = 4, warmup_s: float = 1.0, after
         vip.announce(topo.origin, addr, topo.ifname)
         with netns.enter(topo.origin):
             listener = _listen(addr, PORT, family)
-        origin_app = StreamServer(listener).start()
-        dest_app = StreamServer().start()
+        rate = rate_mbps * 1e6 / 8 if rate_mbps else None  # the same pace both ways
+        origin_app = StreamServer(listener, rate=rate).start()
+        dest_app = StreamServer(rate=rate).start()
         origin_iso = Isolation()
         with netns.enter(topo.origin):  # prepared before the pass, off its critical path
             origin_iso.ensure()

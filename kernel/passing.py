@@ -135,7 +135,8 @@ def import_(records: list[bytes], *, freebind: bool = True,
     try:
         for rec in decoded:
             t0 = time.perf_counter()
-            restored = repair.restore(rec.ici, freebind=freebind, peer_acked=rec.peer_acked)
+            restored = repair.restore(rec.ici, freebind=freebind, peer_acked=rec.peer_acked,
+                                      validated=True)
             if timings is not None:
                 timings.restore_us.append((time.perf_counter() - t0) * 1e6)
             made.append((restored, rec.app_state))

@@ -163,6 +163,8 @@ class Prober:
             raise
         self._macs: dict = {}
         self.rounds = 0
+        self._poll = select.poll()
+        self._poll.register(self.rx, select.POLLIN)
 
     def _filter(self, accept: bool) -> None:
         """A one-instruction classic BPF filter: ``ret #0`` (drop all) or ``ret #-1``.
@@ -222,7 +224,7 @@ class Prober:
                 deadline = time.monotonic() + timeout
                 while len(self._answered) < len(self._icis):
                     left = deadline - time.monotonic()
-                    if left <= 0 or not select.select([self.rx], [], [], left)[0]:
+                    if left <= 0 or not self._poll.poll(left * 1000):  # poll: fds > 1024
                         break
                     self._collect()
                 self.rounds = attempt + 1

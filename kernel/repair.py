@@ -247,7 +247,7 @@ def _send_queue(sock: socket.socket, queue: int, data: bytes, name: str) -> None
 
 def restore(ici: ICI, *, sock: socket.socket | None = None, port: int | None = None,
             freebind: bool = False, peer_acked: int | None = None, now_ns: int | None = None,
-            ts_skew_ns: int = DEFAULT_TS_SKEW_NS) -> Restored:
+            ts_skew_ns: int = DEFAULT_TS_SKEW_NS, validated: bool = False) -> Restored:
     """Rebuild ``ici`` as a socket in repair mode (not yet active: it sends nothing).
 
     ``sock``: an already-bound socket to use (the paper's second port choice); otherwise a
@@ -256,7 +256,8 @@ def restore(ici: ICI, *, sock: socket.socket | None = None, port: int | None = N
     then written as ordinary data after activation, so they leave at once instead of
     waiting for a retransmission timer that has no RTT history.
     """
-    ici.validate()
+    if not validated:  # ICI.decode() has just validated what it returns
+        ici.validate()
     family = socket.AF_INET6 if ici.family == 6 else socket.AF_INET
     sent_q, una = ici.sent_queue, ici.snd_una
     if peer_acked is not None:

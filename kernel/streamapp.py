@@ -351,9 +351,14 @@ class StreamServer:
     MIN_CHUNK = 16 << 10
 
     def __init__(self, listener: socket.socket | None = None, *, chunk: int = 256 * 1024,
-                 flush_timeout: float = 30.0):
+                 flush_timeout: float = 30.0, rate: float | None = None):
         self.chunk = chunk
         self.flush_timeout = flush_timeout
+        # Total send rate in bytes/s (None: as fast as the sockets take it). A paced server
+        # keeps its loop rounds short, so a pause the peer sees is the pass's, not the loop's.
+        self.rate = rate
+        self._tokens = 0.0
+        self._refilled = time.monotonic()
         self._sel = selectors.DefaultSelector()
         self._conns: dict[socket.socket, _Conn] = {}
         self._done = dict.fromkeys(_COUNTERS + (
@@ -512,7 +517,13 @@ class StreamServer:
     def _run(self) -> None:
         try:
             while self._checkpoint():
-                for key, mask in self._sel.select(0.02 if self._flushing else 0.5):
+                events = self._sel.select(0.02 if self._flushing else 0.5)
+                if self.rate is not None and events:
+                    # paced: rotate the round's start, or the sockets select() lists
+                    # first would take the tokens whenever they run short
+                    self._rr = (getattr(self, "_rr", 0) + 7919) % len(events)
+                    events = events[self._rr:] + events[:self._rr]
+                for key, mask in events:
                     if key.data is _WAKE:
                         try:
                             self._wake_r.recv(4096)
@@ -526,6 +537,7 @@ class StreamServer:
                         break
                 if self._flushing:
                     self._flush(time.monotonic())
+                self._pace()
         finally:
             with self._cv:
                 self._quiescent = True
@@ -564,7 +576,8 @@ class StreamServer:
         try:
             if mask & selectors.EVENT_READ:
                 self._read(c)
-            if mask & selectors.EVENT_WRITE and c.sock in self._conns and not c.peer_eof:
+            if (mask & selectors.EVENT_WRITE and c.sock in self._conns and not c.peer_eof
+                    and self._may_send()):
                 self._write(c)
         except (ConnectionResetError, BrokenPipeError):
             self._done['resets'] += 1
@@ -613,15 +626,34 @@ class StreamServer:
         bounds the pause that this loop's own latency puts into each stream."""
         return max(self.MIN_CHUNK, min(self.chunk, self.ROUND_BYTES // max(1, len(self._conns))))
 
+    def _may_send(self) -> bool:
+        if self.rate is None:
+            return True
+        now = time.monotonic()
+        self._tokens = min(self.rate * 0.05, self._tokens + (now - self._refilled) * self.rate)
+        self._refilled = now
+        return self._tokens > 0
+
+    def _pace(self) -> None:
+        """Out of tokens: sleep until there are some, so select() does not spin."""
+        if self.rate is not None and self._tokens <= 0:
+            time.sleep(min(0.005, -self._tokens / self.rate + 0.0005))
+
     def _write(self, c: _Conn) -> None:
         if not c.out:
             c.out = memoryview(generate(c.conn_id, TO_PEER, c.sent, self._chunk()))
+        out = c.out
+        if self.rate is not None:  # paced: at most this connection's share of 20 ms
+            share = max(1024, int(min(self._tokens, self.rate * 0.02 / max(1, len(self._conns)))))
+            out = out[:share]
         try:
-            n = c.sock.send(c.out)
+            n = c.sock.send(out)
         except BlockingIOError:                   # send buffer full: wait for ACKs
             return
         c.sent += n
         c.out = c.out[n:]
+        if self.rate is not None:
+            self._tokens -= n
 
     def _flush(self, now: float) -> None:
         """Close connections whose peer has finished, once the send queue is empty."""
