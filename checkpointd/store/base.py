@@ -1,0 +1,209 @@
+"""The checkpoint store: an abstract class whose docstrings are the contract.
+
+Patroni's store (``patroni/dcs/__init__.py``) is the model: small primitives, each with its
+atomicity stated, implemented once per backend (``memory.py`` for unit tests, ``etcd.py``
+for real). Decisions (whether to take over, which records to restore) are not made here;
+they are pure functions of what these primitives return.
+
+The leader key is both the lock and the fence. Leadership is a lease (TTL, renewed by the
+holder); the leader key is attached to it, so it vanishes when the holder stops renewing.
+Every write that only a leader may make (``put_many``, ``delete``) is one transaction that
+first compares the leader key with the caller's :class:`Lease`, so a primary that was
+paused, partitioned or replaced cannot write, whatever it believes. Each acquisition
+increments the epoch in the same transaction: records carry the epoch that wrote them.
+
+Timing (checked, not hoped for: :func:`check_timing`): a leader renews every ``loop_wait``
+seconds, each call may take ``timeout``; ``loop_wait + 2 * timeout <= ttl`` keeps a
+healthy leader from losing its lease to a single slow call.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+from dataclasses import dataclass
+from typing import Mapping
+
+from .errors import BatchTooLarge, InvalidKey
+from .layout import Layout
+
+#: etcd's default --max-txn-ops: at most 128 operations in one transaction.
+MAX_TXN_OPS = 128
+#: etcd refuses requests over 1.5 MiB (--max-request-bytes 1572864); keys and values of
+#: one ``put_many`` stay under this, leaving room for the transaction's own framing.
+MAX_TXN_BYTES = 1_400_000
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Proof of leadership from :meth:`CheckpointStore.acquire_leader`.
+
+    Pass it to every fenced write. ``epoch`` is the epoch this leadership began; records
+    written under it carry it. ``ttl`` is what the store granted (etcd may round it up).
+    """
+
+    id: int
+    name: str
+    epoch: int
+    ttl: int
+
+
+@dataclass(frozen=True)
+class LeaderState:
+    """What the leader key said at store revision ``revision``.
+
+    ``name`` is None when nobody holds it; ``epoch`` is then the epoch of the last leader
+    (0 if there never was one), which is the epoch whose records a new leader restores.
+    """
+
+    name: str | None
+    epoch: int
+    lease_id: int
+    revision: int
+
+    @property
+    def vacant(self) -> bool:
+        return self.name is None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Connection records as of one store revision: conn key -> sealed record."""
+
+    revision: int
+    items: Mapping[str, bytes]
+
+
+def leader_value(name: str, epoch: int) -> bytes:
+    """The leader key's value. Fenced writes compare it as well as the lease."""
+    return json.dumps({"name": name, "epoch": epoch}, sort_keys=True, separators=(",", ":")).encode()
+
+
+def parse_leader_value(value: bytes) -> tuple[str, int]:
+    data = json.loads(value)
+    return str(data["name"]), int(data["epoch"])
+
+
+def check_leader_name(name: str) -> str:
+    if not isinstance(name, str) or not 0 < len(name) <= 256 or not name.isprintable():
+        raise InvalidKey(f"leader name {name!r}: want 1-256 printable characters")
+    return name
+
+
+def check_batch(layout: Layout, items: Mapping[str, bytes]) -> dict[str, bytes]:
+    """Map conn keys to key names and enforce the transaction bounds before sending.
+
+    Pure. Raises InvalidKey or BatchTooLarge; the caller splits a batch that is too large.
+    """
+    if len(items) > MAX_TXN_OPS:
+        raise BatchTooLarge("ops", len(items), MAX_TXN_OPS)
+    named = {layout.conn(key): bytes(value) for key, value in items.items()}
+    size = sum(len(name) + len(value) for name, value in named.items())
+    if size > MAX_TXN_BYTES:
+        raise BatchTooLarge("bytes", size, MAX_TXN_BYTES)
+    return named
+
+
+def check_timing(*, ttl: float, loop_wait: float, timeout: float) -> None:
+    """Patroni's rule: a leader that renews every ``loop_wait`` with calls that may each
+    take ``timeout`` must not lose a ``ttl`` lease to one slow call. Raises ValueError."""
+    if loop_wait + 2 * timeout > ttl:
+        raise ValueError(f"loop_wait ({loop_wait:g} s) + 2 * timeout ({timeout:g} s) "
+                         f"exceeds the leader TTL ({ttl:g} s): a single slow call would "
+                         "cost the leader its lease")
+
+
+class CheckpointStore(abc.ABC):
+    """Where checkpoints and the leader key live. One instance per agent process.
+
+    Every method either completes or raises; none blocks longer than the store's timeout
+    (plus, for the reads that page, one timeout per page). Errors:
+    :class:`~.errors.StoreUnavailable` when the store does not answer (a write's outcome is
+    then unknown, see its docstring), :class:`~.errors.NotLeader` when a fenced operation
+    is refused, :class:`~.errors.BatchTooLarge` / :class:`~.errors.InvalidKey` before
+    anything is sent.
+    """
+
+    layout: Layout
+
+    # -- leadership -----------------------------------------------------------------------
+    @abc.abstractmethod
+    def acquire_leader(self, name: str, ttl: int) -> Lease | None:
+        """Take the leader key if nobody holds it; return the new Lease, or None.
+
+        Atomic: in one transaction, only if the leader key is absent and the epoch counter
+        is unchanged since it was read, the leader key is created (attached to a fresh
+        lease of ``ttl`` seconds) and the epoch counter is incremented. So two contenders
+        never both succeed, and every successful acquisition, including the same name's
+        after its lease expired, has its own epoch: the first is 1. Returns None, without
+        creating a lease, when the key is held (by anyone, this name included).
+        """
+
+    @abc.abstractmethod
+    def renew(self, lease: Lease) -> int:
+        """Refresh the lease once; return the TTL it now has (seconds).
+
+        Raises NotLeader if the lease has already expired: the leader key is gone with it
+        and may be someone else's. Renewal does not check the leader key itself; the fenced
+        writes do.
+        """
+
+    @abc.abstractmethod
+    def resign(self, lease: Lease) -> None:
+        """Give up leadership: delete the leader key if it is still this lease's, revoke
+        the lease. Idempotent; a lease that already expired is not an error. The epoch is
+        not changed: the next acquisition increments it."""
+
+    @abc.abstractmethod
+    def leader(self) -> LeaderState:
+        """The leader key and the epoch counter, read together at one revision."""
+
+    @abc.abstractmethod
+    def leader_changed(self, since_revision: int) -> bool:
+        """Whether the leader key was acquired, deleted or expired after store revision
+        ``since_revision`` (take it from :attr:`LeaderState.revision`).
+
+        A cheap poll for the HA loop. It may answer True spuriously (for instance when the
+        store no longer keeps the history needed to tell); it never misses a change that it
+        can see. On True, read :meth:`leader` again.
+        """
+
+    # -- records ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def put_many(self, items: Mapping[str, bytes], *, leader_lease: Lease) -> int:
+        """Write sealed records (conn key -> blob) all or nothing; return the revision.
+
+        Atomic and fenced: one transaction that compares the leader key's lease and value
+        with ``leader_lease`` and writes every record only if both match; otherwise
+        nothing is written and NotLeader is raised. An empty ``items`` is a fenced no-op
+        that checks leadership. Bounded by MAX_TXN_OPS records and MAX_TXN_BYTES bytes
+        (BatchTooLarge before sending). On StoreUnavailable the transaction may or may not
+        have been applied: it is idempotent, and the caller treats it as not committed.
+        Records are not attached to the lease: they outlive the leader that wrote them.
+        """
+
+    @abc.abstractmethod
+    def delete(self, conn_key: str, *, leader_lease: Lease) -> bool:
+        """Remove one connection's record (the connection closed); fenced like put_many.
+
+        Returns whether a record was there. Raises NotLeader without deleting anything if
+        ``leader_lease`` no longer holds the leader key.
+        """
+
+    @abc.abstractmethod
+    def get_all(self, prefix: str = "", *, revision: int | None = None) -> Snapshot:
+        """Every record whose conn key starts with ``prefix``, as of a single revision.
+
+        Consistent: all records are as of ``Snapshot.revision`` (the latest, or
+        ``revision`` if given), even if the backend reads them in several pages while
+        writers continue. Not fenced: a standby reads while the leader writes.
+        """
+
+    def close(self) -> None:
+        """Release connections. The store must not be used afterwards."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
