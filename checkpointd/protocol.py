@@ -16,6 +16,9 @@ plus at most one file descriptor as ancillary data. Headers are small JSON objec
 to the agent. Stream offsets are byte counts from the start of each direction.
 
 Application -> agent:
+  serve     port                                  (once per listening port, on connect:
+                                                   resurrected connections of that local
+                                                   port are handed to this application)
   register  conn, input, output, read, write   + fd + state  -> registered | error
   commit    conn, seq, input, output, read, write, unacked_len
             + state, followed by the unacknowledged output bytes (the last ``unacked_len``
@@ -44,6 +47,7 @@ MAX_MESSAGE = 16 << 20  # state + unacknowledged output of one connection
 _LEN = struct.Struct(">I")
 
 OPS = {
+    "serve": ("port",),
     "register": ("conn", "input", "output", "read", "write"),
     "commit": ("conn", "seq", "input", "output", "read", "write", "unacked_len"),
     "release": ("conn",),

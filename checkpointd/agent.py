@@ -1,0 +1,483 @@
+"""checkpointd: the agent on each host of an HA pair. Thin I/O around pure decisions.
+
+Three loops, each in its own thread:
+
+- **apps** (``_serve_apps``): applications connect over a Unix SOCK_SEQPACKET socket
+  (checkpointd/protocol.py). ``register`` hands over a socket; the agent dumps it once
+  (repair mode, while the application waits), starts guarding it with the ACK gate and
+  answers ``registered``. ``commit`` queues the application's state and offsets.
+- **committer** (``_commit_loop``): every ``commit_interval`` it seals the newest commit of
+  every connection (checkpointd/conns.py builds the record's ICI) and writes them to etcd
+  in fenced transactions (only while this host holds the leader lease); once durable it
+  raises each connection's ACK gate (one bpf() call and a pure ACK) and answers
+  ``durable``. The peer is never acknowledged beyond what etcd holds.
+- **HA** (``run``): observes etcd (lease renewals, the leader key), calls
+  ``decide.RoleMachine.observe`` and performs the actions it returns, in order, logging
+  the reason sentence (Patroni's style). Resurrection is resurrect/core.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+
+from kernel import ackgate, netns, repair, vip
+from kernel.isolate import Isolation, tuple_of
+
+from . import decide, protocol
+from .config import Config
+from .conns import Registration, checkpoint_ici
+from .store import record as records
+from .store.base import CheckpointStore, Lease
+from .store.errors import NotLeader, StoreError, StoreUnavailable
+from .store.keyring import Keyring
+from .store.layout import Layout
+
+log = logging.getLogger("checkpointd")
+
+_TCP_INFO = 11
+_BYTES = struct.Struct("=QQ")  # tcpi_bytes_acked, tcpi_bytes_received at offset 120
+BATCH = 100                    # records per etcd transaction (etcd allows 128 operations)
+
+
+def tcp_bytes(sock: socket.socket) -> tuple[int, int]:
+    """(bytes acknowledged by the peer, bytes received): counters that need no repair mode."""
+    return _BYTES.unpack_from(sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 136), 120)
+
+
+def tcp_timestamp(sock: socket.socket) -> int:
+    return struct.unpack("=I", sock.getsockopt(socket.IPPROTO_TCP, 24, 4))[0]
+
+
+@dataclass
+class Commit:
+    seq: int
+    input: int
+    output: int
+    read: int
+    write: int
+    state: bytes
+    unacked: bytes
+
+
+@dataclass
+class Conn:
+    """One protected connection on this host."""
+
+    key: str
+    sock: socket.socket            # the agent's own descriptor of the endpoint
+    app: socket.socket | None      # the application's channel, for replies
+    reg: Registration
+    guard: ackgate.Guard | None
+    pending: Commit | None = None
+    durable_seq: int = -1
+    durable_input: int = 0
+    last_written: float = 0.0
+    state: bytes = b""             # newest durable application state
+    last_commit: "Commit | None" = None  # newest durable commit (periodic re-checkpoints)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def tuple(self):
+        return tuple_of(self.reg.ici)
+
+
+class Agent:
+    def __init__(self, config: Config, store: CheckpointStore, keyring: Keyring, *,
+                 gate: ackgate.Gate | None = None, isolation: Isolation | None = None,
+                 clock=time.monotonic, wall=time.time_ns):
+        self.config, self.store, self.keyring = config, store, keyring
+        self.layout = Layout(config.cluster_name)
+        self.gate = gate
+        self.isolation = isolation or Isolation()
+        self.clock, self.wall = clock, wall
+        self.machine = decide.RoleMachine(config, clock=clock)
+        self.lease: Lease | None = None
+        self.conns: dict[str, Conn] = {}
+        self.apps: dict[int, socket.socket] = {}     # local port -> application channel
+        self.lock = threading.RLock()
+        self.wake = threading.Condition(self.lock)
+        self.stopping = threading.Event()
+        self.fenced = False
+        self.events: list[tuple[float, str]] = []    # (monotonic time, what happened)
+        self.counters = {"checkpoints": 0, "commit_batches": 0, "refused": 0,
+                         "resurrected": 0, "fenced": 0}
+        self._listener: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> "Agent":
+        path = self.config.app_socket
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._listener.bind(path)
+        os.chmod(path, 0o660)
+        self._listener.listen(64)
+        for target, name in ((self._serve_apps, "apps"), (self._commit_loop, "committer"),
+                             (self.run, "ha")):
+            t = threading.Thread(target=target, name=f"checkpointd-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        with self.wake:
+            self.wake.notify_all()
+        if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._listener.close()
+
+    def note(self, text: str) -> None:
+        """One line of what happened, for logs, status and the drill's timeline."""
+        self.events.append((self.clock(), text))
+        log.info(text)
+
+    # -- the HA loop -----------------------------------------------------------------------
+    def run(self) -> None:
+        obs: object = self._look()
+        while not self.stopping.is_set():
+            try:
+                decision = self.machine.observe(obs)
+            except decide.IllegalTransition as exc:
+                log.warning("%s", exc)
+                obs = self._look()
+                continue
+            if decision.actions or decision.new_state.role is not getattr(self, "_last_role", None):
+                self.note(f"{decision.new_state.role.value}: {decision.reason}")
+            self._last_role = decision.new_state.role
+            follow = None
+            for action in decision.actions:
+                follow = self._do(action) or follow
+            if follow is not None:
+                obs = follow
+                continue
+            wait = max(0.0, (decision.wake_at or self.clock() + self.config.renew_interval) - self.clock())
+            self.stopping.wait(min(wait, self.config.renew_interval))
+            obs = self._look()
+
+    def _look(self) -> object:
+        """One observation of etcd for the current role."""
+        role = self.machine.state.role
+        if role in (decide.Role.PRIMARY, decide.Role.FENCED) and self.lease is not None:
+            sent = self.clock()
+            try:
+                ttl = self.store.renew(self.lease)
+            except StoreError:
+                return decide.RenewFailed(last_ok=self.machine.state.last_renew or sent)
+            if ttl > 0:
+                return decide.LeaseRenewed(at=sent)
+            return decide.RenewFailed(last_ok=self.machine.state.last_renew or sent)
+        try:
+            leader = self.store.leader()
+        except StoreError:
+            return decide.EtcdUnreachable(since=self.clock())
+        if leader.name is None:
+            return decide.LeaderVanished(epoch=leader.epoch or None, revision=leader.revision)
+        return decide.LeaderSeen(holder=leader.name, epoch=leader.epoch, revision=leader.revision)
+
+    def _do(self, action) -> object | None:
+        """Perform one action; return an observation to feed back at once, if any."""
+        if isinstance(action, decide.AcquireLeader):
+            sent = self.clock()
+            try:
+                lease = self.store.acquire_leader(self.config.host_name, max(1, round(self.config.lease_ttl)))
+            except StoreError:
+                return decide.EtcdUnreachable(since=sent)
+            if lease is None:
+                return self._look()
+            self.lease = lease
+            return decide.LeaderAcquired(epoch=lease.epoch, revision=0, at=sent)
+        if isinstance(action, decide.RenewLease):
+            return None  # _look renews on every cycle of a primary
+        if isinstance(action, decide.FenceConnections):
+            self._fence()
+        elif isinstance(action, decide.UnfenceConnections):
+            self._unfence()
+        elif isinstance(action, decide.DropConnections):
+            self._drop()
+        elif isinstance(action, decide.ReleaseLeader):
+            if self.lease is not None:
+                try:
+                    self.store.resign(self.lease)
+                except StoreError:
+                    pass
+                self.lease = None
+        elif isinstance(action, decide.Isolate):
+            self._pending_resurrection = self._load(action.epoch)
+        elif isinstance(action, decide.TakeVip):
+            for addr in action.vips:
+                vip.add_vip(None, str(addr), action.interface)
+                vip.announce(None, str(addr), action.interface)
+            self.note(f"took virtual IPs {', '.join(map(str, action.vips))}")
+        elif isinstance(action, decide.ReleaseVip):
+            for addr in action.vips:
+                vip.remove_vip(None, str(addr), action.interface)
+        elif isinstance(action, decide.Resurrect):
+            self._resurrect(action.epoch)
+        elif isinstance(action, decide.CheckpointAll):
+            with self.lock:
+                for conn in self.conns.values():
+                    conn.last_written = 0.0  # rewrite under the new epoch
+            with self.wake:
+                self.wake.notify_all()
+        return None
+
+    # -- fencing ----------------------------------------------------------------------------
+    def _fence(self) -> None:
+        """Silence every guarded connection at once: no byte, no ACK, no RST leaves."""
+        with self.lock:
+            tuples = [c.tuple for c in self.conns.values()]
+            self.fenced = True
+        if tuples:
+            self.isolation.isolate(tuples)
+        self.counters["fenced"] += 1
+        self.note(f"fenced {len(tuples)} connections")
+
+    def _unfence(self) -> None:
+        with self.lock:
+            tuples = [c.tuple for c in self.conns.values()]
+            self.fenced = False
+        self.isolation.release(tuples)
+        self.note(f"unfenced {len(tuples)} connections")
+
+    def _drop(self) -> None:
+        with self.lock:
+            conns, self.conns = list(self.conns.values()), {}
+        for c in conns:
+            repair.close_silently(c.sock)
+            if c.guard is not None:
+                try:
+                    c.guard.remove()
+                except OSError:
+                    pass
+        self.isolation.release([c.tuple for c in conns])
+        self.note(f"dropped {len(conns)} connections silently (another host owns them)")
+
+    # -- applications ---------------------------------------------------------------------
+    def _serve_apps(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                chan, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve_app, args=(chan,), daemon=True,
+                             name="checkpointd-app").start()
+
+    def _serve_app(self, chan: socket.socket) -> None:
+        try:
+            while True:
+                msg = protocol.recv(chan)
+                if msg is None:
+                    return
+                try:
+                    self._handle(chan, msg)
+                except Exception as exc:  # one bad request must not take the agent down
+                    log.exception("request %s failed", msg.op)
+                    conn = msg.fields.get("conn", "-")
+                    if msg.fd is not None:
+                        os.close(msg.fd)
+                    protocol.send(chan, "error", conn=conn, reason=f"{type(exc).__name__}: {exc}"[:500])
+        except (OSError, protocol.ProtocolError) as exc:
+            log.warning("application channel closed: %s", exc)
+        finally:
+            with self.lock:
+                for port, c in list(self.apps.items()):
+                    if c is chan:
+                        del self.apps[port]
+            chan.close()
+
+    def _handle(self, chan: socket.socket, msg: protocol.Message) -> None:
+        if msg.op == "serve":
+            with self.lock:
+                self.apps[msg["port"]] = chan
+                waiting = getattr(self, "_unclaimed", {}).pop(msg["port"], [])
+            for item in waiting:
+                self._hand_over(chan, *item)
+        elif msg.op == "register":
+            self._register(chan, msg)
+        elif msg.op == "commit":
+            self._commit(msg)
+        elif msg.op == "release":
+            self._release(chan, msg["conn"])
+        else:
+            raise protocol.ProtocolError(f"{msg.op} is not a request")
+
+    def _register(self, chan: socket.socket, msg: protocol.Message) -> None:
+        sock = socket.socket(fileno=msg.fd)
+        try:
+            repair.repair_on(sock)
+            try:
+                ici = repair.dump(sock)
+            finally:
+                repair.repair_off(sock, window_probe=False)
+            acked, _ = tcp_bytes(sock)
+            reg = Registration(ici, read=msg["read"], write=msg["write"], bytes_acked=acked,
+                               rcv_wscale=ici.rcv_wscale)
+            guard = self._guard(tuple_of(ici), ici.rcv_nxt, ici.rcv_wscale)
+        except BaseException:
+            sock.close()
+            raise
+        conn = Conn(msg["conn"], sock, chan, reg, guard, state=msg.payload)
+        conn.pending = Commit(0, msg["input"], msg["output"], msg["read"], msg["write"], msg.payload, b"")
+        with self.lock:
+            self.conns[conn.key] = conn
+        protocol.send(chan, "registered", conn=conn.key)
+        with self.wake:
+            self.wake.notify_all()
+
+    def _guard(self, tup, commit_seq: int, wscale: int) -> ackgate.Guard | None:
+        """Guard from what the kernel has already acknowledged (it cannot be taken back)."""
+        if self.gate is None:
+            return None
+        try:
+            return self.gate.guard(tup, commit_seq, wscale)
+        except ackgate.GateFull as exc:
+            self.note(f"unprotected: {exc}")
+            return None
+
+    def _commit(self, msg: protocol.Message) -> None:
+        unacked_len = msg["unacked_len"]
+        payload = msg.payload
+        state, unacked = (payload[:len(payload) - unacked_len], payload[len(payload) - unacked_len:]) \
+            if unacked_len else (payload, b"")
+        with self.lock:
+            conn = self.conns.get(msg["conn"])
+        if conn is None:
+            raise KeyError(f"{msg['conn']} is not registered")
+        with conn.lock:
+            if conn.pending is None or msg["seq"] > conn.pending.seq:
+                conn.pending = Commit(msg["seq"], msg["input"], msg["output"], msg["read"],
+                                      msg["write"], state, unacked)
+
+    def _release(self, chan: socket.socket, key: str) -> None:
+        with self.lock:
+            conn = self.conns.pop(key, None)
+        if conn is not None:
+            if conn.guard is not None:
+                conn.guard.release()
+                conn.guard.remove()
+            if self.lease is not None:
+                try:
+                    self.store.delete(key, leader_lease=self.lease)
+                except StoreError:
+                    pass
+            conn.sock.close()
+        protocol.send(chan, "released", conn=key)
+
+    # -- group commit ---------------------------------------------------------------------
+    def _commit_loop(self) -> None:
+        while not self.stopping.is_set():
+            self.stopping.wait(self.config.commit_interval)
+            if self.machine.state.role is not decide.Role.PRIMARY or self.fenced or self.lease is None:
+                continue
+            try:
+                self.commit_round()
+            except Exception:
+                log.exception("commit round failed")
+
+    def commit_round(self) -> int:
+        """Seal and write every connection's newest commit; raise gates; reply ``durable``."""
+        now_wall, now = self.wall(), self.clock()
+        epoch = self.lease.epoch
+        batch: list[tuple[Conn, Commit, str, bytes]] = []
+        with self.lock:
+            conns = list(self.conns.values())
+        for conn in conns:
+            with conn.lock:
+                c = conn.pending
+                conn.pending = None
+            if c is None:
+                if now - conn.last_written < self.config.checkpoint_interval:
+                    continue
+                c = Commit(conn.durable_seq, conn.durable_input, *self._last(conn))
+            try:
+                blob = self._seal(conn, c, epoch, now_wall)
+            except (ValueError, OSError) as exc:
+                self.note(f"{conn.key}: checkpoint refused: {exc}")
+                continue
+            batch.append((conn, c, self.layout.conn(conn.key), blob))
+        written = 0
+        for i in range(0, len(batch), BATCH):
+            part = batch[i:i + BATCH]
+            try:
+                self.store.put_many({k: b for _, _, k, b in part}, leader_lease=self.lease)
+            except (NotLeader, StoreUnavailable) as exc:
+                for conn, c, _, _ in part:  # not durable: keep it for the next round
+                    with conn.lock:
+                        if conn.pending is None or conn.pending.seq < c.seq:
+                            conn.pending = c
+                log.warning("checkpoint batch not written: %s", exc)
+                break
+            self.counters["commit_batches"] += 1
+            for conn, c, _, _ in part:
+                self._durable(conn, c, now)
+                written += 1
+        self.counters["checkpoints"] += written
+        return written
+
+    def _last(self, conn: Conn) -> tuple:
+        """A periodic re-checkpoint with the newest durable offsets (fresh clocks)."""
+        last = conn.last_commit
+        if last is None:
+            return (0, conn.reg.read, conn.reg.write, conn.state, b"")
+        return (last.output, last.read, last.write, last.state, last.unacked)
+
+    def _seal(self, conn: Conn, c: Commit, epoch: int, now_wall: int) -> bytes:
+        acked = None
+        if not c.unacked:
+            acked = conn.reg.acked_offset(tcp_bytes(conn.sock)[0])
+        ici, anchor = checkpoint_ici(conn.reg, input_offset=c.input, write_offset=c.write,
+                                     unacked=c.unacked, acked_offset=acked,
+                                     ts_val=tcp_timestamp(conn.sock), wall_ns=now_wall)
+        rec = records.CheckpointRecord(
+            conn_key=conn.key, ici=ici.encode(), app_state=c.state, input_offset=c.input,
+            output_offset=min(c.output, anchor) if not c.unacked else c.output,
+            write_offset=anchor, ts_val=ici.ts_val, wall_ns=now_wall, epoch=epoch,
+            seq=max(0, c.seq))
+        return records.seal(rec, self.keyring, self.layout.conn(conn.key))
+
+    def _durable(self, conn: Conn, c: Commit, now: float) -> None:
+        conn.last_written = now
+        conn.last_commit = c
+        conn.state = c.state
+        if c.seq > conn.durable_seq:
+            conn.durable_seq = c.seq
+        conn.durable_input = c.input
+        if conn.guard is not None:
+            try:
+                conn.guard.commit(conn.reg.seq_of_read(c.input))
+            except OSError as exc:
+                log.warning("%s: gate not raised: %s", conn.key, exc)
+        if conn.app is not None and c.seq > 0:
+            try:
+                protocol.send(conn.app, "durable", conn=conn.key, seq=c.seq)
+            except OSError:
+                conn.app = None
+
+    # -- resurrection ------------------------------------------------------------------------
+    def _load(self, epoch: int):
+        from resurrect import core
+        return core.prepare(self, epoch)
+
+    def _resurrect(self, epoch: int) -> None:
+        from resurrect import core
+        prepared = getattr(self, "_pending_resurrection", None) or core.prepare(self, epoch)
+        self._pending_resurrection = None
+        core.resurrect(self, prepared)
+
+    def _hand_over(self, chan: socket.socket, conn: Conn, resume_fields: dict) -> None:
+        protocol.send(chan, "resume", conn.state, fd=conn.sock.fileno(), conn=conn.key, **resume_fields)
+        conn.app = chan
