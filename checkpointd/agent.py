@@ -140,6 +140,16 @@ class Agent:
                 pass
             self._listener.close()
 
+    def status(self) -> dict:
+        """What an operator (or the drill) reads: role, epoch, counts, and the timeline."""
+        st = self.machine.state
+        return {"host": self.config.host_name, "role": st.role.value, "epoch": st.epoch,
+                "holder": st.holder, "connections": len(self.conns), "fenced": self.fenced,
+                "counters": dict(self.counters),
+                "last_resurrection": getattr(self, "last_resurrection", None),
+                "events": [(round(t, 6), text) for t, text in self.events[-200:]],
+                "clock": self.clock(), "wall_ns": self.wall()}
+
     def note(self, text: str) -> None:
         """One line of what happened, for logs, status and the drill's timeline."""
         self.events.append((self.clock(), text))

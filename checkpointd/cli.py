@@ -1,12 +1,9 @@
-"""The ``checkpointd`` command.
-
-Today it carries the live-passing demonstration (the project's main job until the
-fail-over drill lands); the agent itself arrives with the fail-over issue.
-"""
+"""The ``checkpointd`` command: the agent (``run``), the drill, and the passing demo."""
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 
@@ -47,6 +44,56 @@ def passing_demo(connections: int, ipv6: bool, rate_mbps: float, as_json: bool) 
     ok = (result["passed"] == connections and not result["lost_bytes"]
           and not result["duplicated_bytes"] and not result["resets"])
     sys.exit(0 if ok else 1)
+
+
+@main.command("run")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="TOML configuration (TCPCP_* environment variables override it)")
+@click.option("--no-gate", is_flag=True, help="run without the ACK gate (unprotected input)")
+@click.option("--status", "status_path", type=click.Path(dir_okay=False), default=None,
+              help="rewrite this JSON file with the agent's status every 100 ms")
+@click.option("--verbose", "-v", is_flag=True)
+def run(config_path: str | None, no_gate: bool, status_path: str | None, verbose: bool) -> None:
+    """Run the agent until SIGTERM or SIGINT."""
+    import logging
+    import signal
+    import threading
+
+    from kernel import ackgate
+
+    from .agent import Agent
+    from .config import ConfigError, load
+    from .store.errors import KeyringError
+    from .store.etcd import EtcdStore
+    from .store.keyring import Keyring
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    try:
+        config = load(config_path)
+        keyring = Keyring.from_file(config.key_file)
+    except (ConfigError, KeyringError, OSError) as exc:
+        click.echo(f"checkpointd: {exc}", err=True)
+        sys.exit(2)
+    _raise_fd_limit()
+    store = EtcdStore(config.etcd_endpoints, config.cluster_name, timeout=config.retry_timeout)
+    gate = None if no_gate else ackgate.Gate.open([config.interface])
+    agent = Agent(config, store, keyring, gate=gate).start()
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    click.echo(f"checkpointd: {config.host_name} in cluster {config.cluster_name}, "
+               f"applications at {config.app_socket}", err=True)
+    while not done.wait(0.1):
+        if status_path:
+            tmp = status_path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(agent.status(), f)
+            os.replace(tmp, status_path)
+    agent.stop()
+    if gate is not None:
+        gate.close(detach=True)
+    store.close()
 
 
 if __name__ == "__main__":

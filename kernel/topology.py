@@ -116,16 +116,22 @@ class Topology:
 
     @classmethod
     def create(cls, tag: str | None = None, ipv6: bool = True,
-               timeout: float = 10.0) -> Topology:
+               timeout: float = 10.0, extra: tuple[str, ...] = ()) -> Topology:
         """Build the network and return once the peer reaches both hosts.
 
         ``tag`` (default: 6 random hex digits) names the namespaces ``tcpcp-<tag>-*``.
+        ``extra``: more hosts on the same bridge (say ``("etcd1",)``), named
+        ``tcpcp-<tag>-<name>`` with addresses 10.77.0.10, .11, ... and fd77::10, ...
         On any failure whatever was already created is deleted before raising.
         """
         tag = tag if tag is not None else secrets.token_hex(3)
         if not re.fullmatch(r"[0-9a-z][0-9a-z-]{0,31}", tag):
             raise ValueError(f"bad topology tag {tag!r}: lowercase letters, digits, '-'")
+        for i, name in enumerate(extra):
+            if not re.fullmatch(r"[0-9a-z]{1,8}", name) or name in SUFFIX.values():
+                raise ValueError(f"bad extra host name {name!r}")
         names = {role: f"tcpcp-{tag}-{suffix}" for role, suffix in SUFFIX.items()}
+        names.update({name: f"tcpcp-{tag}-{name}" for name in extra})
         bridge = f"tcpcp-{tag}-br"
         reaper = _Reaper()
         try:
@@ -138,9 +144,9 @@ class Topology:
             _build_bridge(bridge, names)
             hosts = {}
             for role, name in names.items():
-                mac = _build_host(name, ADDR4[role], ADDR6[role] if ipv6 else None)
-                hosts[name] = Host(role, name, ADDR4[role], ADDR6[role] if ipv6 else None,
-                                   mac)
+                a4, a6 = _addresses(role, extra)
+                mac = _build_host(name, a4, a6 if ipv6 else None)
+                hosts[name] = Host(role, name, a4, a6 if ipv6 else None, mac)
             topo = cls(tag, names["peer"], names["origin"], names["destination"], bridge,
                        MappingProxyType(hosts), vip6=VIP6 if ipv6 else None, _reaper=reaper)
             topo.wait_ready(timeout)
@@ -165,8 +171,16 @@ class Topology:
         self.destroy()
 
     @property
-    def namespaces(self) -> tuple[str, str, str, str]:
-        return (self.peer, self.origin, self.destination, self.bridge)
+    def namespaces(self) -> tuple[str, ...]:
+        extra = tuple(h.ns for h in self.hosts.values() if h.role not in SUFFIX)
+        return (self.peer, self.origin, self.destination, self.bridge, *extra)
+
+    def role(self, role: str) -> Host:
+        """The host with this role ("peer", "origin", "destination", or an extra name)."""
+        for host in self.hosts.values():
+            if host.role == role:
+                return host
+        raise ValueError(f"topology {self.tag} has no host {role!r}")
 
     def host(self, ns: str) -> Host:
         try:
@@ -234,6 +248,13 @@ class Topology:
         return None
 
 
+def _addresses(role: str, extra: tuple[str, ...]) -> tuple[str, str]:
+    if role in ADDR4:
+        return ADDR4[role], ADDR6[role]
+    i = extra.index(role)
+    return f"10.77.0.{10 + i}", f"fd77::{10 + i:x}"
+
+
 def _reaches(src_ns: str, addr: str) -> bool:
     """A TCP connect to a closed port: refused means the round trip works."""
     family = socket.AF_INET6 if ":" in addr else socket.AF_INET
@@ -270,7 +291,7 @@ def _build_bridge(bridge: str, hosts: Mapping[str, str]) -> None:
                  br_mcast_snooping=0)
         br = ipr.link_lookup(ifname=BRIDGE)[0]
         for role, ns in hosts.items():
-            port = f"v-{SUFFIX[role]}"
+            port = f"v-{SUFFIX.get(role, role)}"
             ipr.link("add", ifname=port, kind="veth",
                      peer={"ifname": IFNAME, "net_ns_fd": ns})
             ipr.link("set", index=ipr.link_lookup(ifname=port)[0], master=br, state="up")

@@ -1,0 +1,186 @@
+"""An HA pair in network namespaces: etcd, two agents, their applications. For drills and tests.
+
+Everything here is started by us and stopped by PID (never by name); every file lives in
+one temporary directory; the namespaces belong to a ``kernel.topology.Topology``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kernel import netns
+from kernel.topology import Topology
+
+from .store.keyring import new_key_line
+
+ROOT = Path(__file__).resolve().parent.parent
+ETCD = "/usr/bin/etcd"
+
+
+def wait_for(predicate, deadline_s: float, what: str, interval: float = 0.02):
+    end = time.monotonic() + deadline_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise TimeoutError(f"not {what} after {deadline_s:g} s")
+        time.sleep(interval)
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        if self.alive():
+            os.kill(self.popen.pid, sig)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.alive():
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout)
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class Cluster:
+    topo: Topology
+    workdir: Path
+    lease_ttl: float = 1.0
+    procs: list[Proc] = field(default_factory=list)
+
+    @property
+    def etcd_host(self):
+        return self.topo.role("etcd1")
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.etcd_host.ipv4}:2379"
+
+    def spawn(self, ns: str, name: str, argv: list[str], **kw) -> Proc:
+        log = self.workdir / f"{name}.log"
+        f = open(log, "ab")
+        popen = netns.popen(ns, argv, stdin=subprocess.DEVNULL, stdout=kw.pop("stdout", f),
+                            stderr=subprocess.STDOUT if "stdout" not in kw else f, **kw)
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    # -- etcd --------------------------------------------------------------------------
+    def start_etcd(self) -> Proc:
+        ns, addr = self.etcd_host.ns, self.etcd_host.ipv4
+        data = self.workdir / "etcd-data"
+        # Timings that let a 1 s lease mean something: a leader heartbeat every 50 ms,
+        # an election after 250 ms of silence.
+        proc = self.spawn(ns, "etcd", [
+            ETCD, "--name", "e1", "--data-dir", str(data),
+            "--listen-client-urls", f"http://{addr}:2379", "--advertise-client-urls", f"http://{addr}:2379",
+            "--listen-peer-urls", f"http://{addr}:2380", "--initial-advertise-peer-urls", f"http://{addr}:2380",
+            "--initial-cluster", f"e1=http://{addr}:2380", "--initial-cluster-state", "new",
+            "--heartbeat-interval", "50", "--election-timeout", "250", "--log-level", "warn"])
+
+        def healthy():
+            if not proc.alive():
+                raise RuntimeError(f"etcd exited: {proc.tail()}")
+            with netns.enter(self.topo.peer):
+                try:
+                    with urllib.request.urlopen(self.endpoint + "/health", timeout=0.5) as r:
+                        return json.load(r).get("health") == "true"
+                except OSError:
+                    return False
+        wait_for(healthy, 20, "etcd healthy", 0.1)
+        return proc
+
+    # -- agents ------------------------------------------------------------------------
+    def write_key(self) -> Path:
+        path = self.workdir / "tcpcp.key"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(new_key_line("k1") + "\n")
+        return path
+
+    def config(self, host: str, interface: str = "eth0") -> Path:
+        path = self.workdir / f"{host}.toml"
+        vips = [self.topo.vip4]
+        path.write_text(f"""
+[cluster]
+name = "drill"
+host = "{host}"
+[etcd]
+endpoints = ["{self.endpoint}"]
+[security]
+key_file = "{self.workdir / 'tcpcp.key'}"
+[network]
+vips = {json.dumps(vips)}
+interface = "{interface}"
+[timing]
+lease_ttl = {self.lease_ttl}
+renew_interval = 0.1
+retry_timeout = 0.25
+fence_margin = 0.3
+checkpoint_interval = 5
+commit_interval = 0.005
+msl = 120
+clock_skew = 0.05
+[app]
+socket = "{self.workdir / host / 'app.sock'}"
+""")
+        return path
+
+    def start_agent(self, ns: str, host: str, *, gate: bool = True) -> Proc:
+        (self.workdir / host).mkdir(exist_ok=True)
+        argv = [sys.executable, "-m", "checkpointd.cli", "run", "--config", str(self.config(host)),
+                "--status", str(self.status_path(host))]
+        if not gate:
+            argv.append("--no-gate")
+        return self.spawn(ns, f"agent-{host}", argv, cwd=str(ROOT))
+
+    def status_path(self, host: str) -> Path:
+        return self.workdir / host / "status.json"
+
+    def status(self, host: str) -> dict | None:
+        try:
+            return json.loads(self.status_path(host).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def wait_role(self, host: str, role: str, deadline_s: float = 20) -> dict:
+        def check():
+            st = self.status(host)
+            return st if st and st["role"] == role else None
+        return wait_for(check, deadline_s, f"{host} {role}", 0.02)
+
+    def app_socket(self, host: str) -> Path:
+        return self.workdir / host / "app.sock"
+
+    # -- the end -------------------------------------------------------------------------
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
