@@ -423,8 +423,8 @@ class Agent:
         for i in range(0, len(batch), BATCH):
             part = batch[i:i + BATCH]
             try:
-                self.store.put_many({k: b for _, _, k, b in part}, leader_lease=self.lease)
-            except (NotLeader, StoreUnavailable) as exc:
+                self.store.put_many({conn.key: b for conn, _, _, b in part}, leader_lease=self.lease)
+            except StoreError as exc:
                 for conn, c, _, _ in part:  # not durable: keep it for the next round
                     with conn.lock:
                         if conn.pending is None or conn.pending.seq < c.seq:
