@@ -37,6 +37,7 @@
 #include <linux/ipv6.h>
 #include <linux/pkt_cls.h>
 #include <linux/tcp.h>
+#include <stddef.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
@@ -50,7 +51,6 @@
 
 #define TCP_HDR_MIN 20
 #define TCP_HDR_MAX 60
-#define BUF 64 /* header buffer; indexes are masked with BUF - 1 for the verifier */
 
 /* 36 bytes. IPv4 addresses are stored IPv4-mapped (::ffff:a.b.c.d): the family is in the
  * address, so the key stays fixed-size and a dual-stack socket's getsockname() form
@@ -111,70 +111,67 @@ static __always_inline int after(__u32 a, __u32 b)
 	return (__s32)(a - b) > 0;
 }
 
-static __always_inline __u32 get32(const __u8 *buf, __u32 off)
+/* Rewrite the SACK option of length len at packet offset off: keep the blocks whose
+ * right edge is not after the commit offset, compacted behind a shortened header, and
+ * fill the rest with NOPs (the whole option when no block is kept). A SACK option whose
+ * length is not 2 + 8n cannot be read block by block; it becomes NOPs entirely (a
+ * receiver that parsed it loosely could otherwise take a block above the commit offset
+ * from it). Returns the number of blocks removed.
+ *
+ * Positions are only ever helper offsets, never stack indexes: the verifier does not
+ * track helper offsets precisely, so the option loop's states merge instead of
+ * multiplying (with stack indexes the program was "too large" at 1M instructions). */
+static __always_inline __u32 strip_sack(struct __sk_buff *skb, __u32 off, __u32 len,
+					__u32 commit)
 {
-	return ((__u32)buf[off & (BUF - 1)] << 24) | ((__u32)buf[(off + 1) & (BUF - 1)] << 16) |
-	       ((__u32)buf[(off + 2) & (BUF - 1)] << 8) | (__u32)buf[(off + 3) & (BUF - 1)];
-}
+	__u8 rew[40] __attribute__((aligned(8)));
+	__u32 blocks[8] = {}, out[8] = {};
+	__u32 nblocks, kept = 0, removed = 0, b;
 
-static __always_inline void put32(__u8 *buf, __u32 off, __u32 v)
-{
-	buf[off & (BUF - 1)] = v >> 24;
-	buf[(off + 1) & (BUF - 1)] = v >> 16;
-	buf[(off + 2) & (BUF - 1)] = v >> 8;
-	buf[(off + 3) & (BUF - 1)] = v;
-}
-
-/* Rewrite the SACK option at buf[at..at+len): keep the blocks whose right edge is not
- * after the commit offset, compacted behind a shortened header, and fill the rest with
- * NOPs (the whole option when no block is kept). A SACK option whose length is not
- * 2 + 8n cannot be read block by block; it is replaced by NOPs entirely (a receiver that
- * parsed it loosely could otherwise take a block above the commit offset from it).
- * Returns the number of blocks removed. */
-static __always_inline __u32 strip_sack(__u8 *buf, __u32 at, __u32 len, __u32 commit)
-{
-	__u32 kept = 0, removed = 0, nblocks, i, b;
-
-	if (len < 10 || (len - 2) % 8) {
-		for (i = 0; i < 40; i++) {
-			if (i >= len)
-				break;
-			buf[(at + i) & (BUF - 1)] = TCPOPT_NOP;
-		}
+	__builtin_memset(rew, TCPOPT_NOP, sizeof(rew));
+	if (len > 40)
+		return 0;
+	if (len < 10 || len > 34 || (len - 2) % 8) { /* 34: four blocks, the most that fit */
+		bpf_skb_store_bytes(skb, off, rew, len, 0);
 		return 1;
 	}
-	nblocks = (len - 2) / 8; /* at most 4: the option fits in 40 bytes */
+	if (bpf_skb_load_bytes(skb, off + 2, blocks, len - 2))
+		return 0;
+	nblocks = (len - 2) / 8;
+#pragma unroll
 	for (b = 0; b < 4; b++) {
-		if (b >= nblocks)
-			break;
-		__u32 src = at + 2 + b * 8;
-		__u32 start = get32(buf, src), end = get32(buf, src + 4);
-
-		if (after(end, commit)) {
-			removed++;
-			continue;
+		if (b < nblocks) {
+			if (after(bpf_ntohl(blocks[2 * b + 1]), commit)) {
+				removed++;
+			} else {
+				if (kept == 0) {
+					out[0] = blocks[2 * b];
+					out[1] = blocks[2 * b + 1];
+				} else if (kept == 1) {
+					out[2] = blocks[2 * b];
+					out[3] = blocks[2 * b + 1];
+				} else if (kept == 2) {
+					out[4] = blocks[2 * b];
+					out[5] = blocks[2 * b + 1];
+				} else {
+					out[6] = blocks[2 * b];
+					out[7] = blocks[2 * b + 1];
+				}
+				kept++;
+			}
 		}
-		if (kept != b) {
-			__u32 dst = at + 2 + kept * 8;
-
-			put32(buf, dst, start);
-			put32(buf, dst + 4, end);
-		}
-		kept++;
 	}
 	if (!removed)
 		return 0;
 	if (kept) {
-		buf[(at + 1) & (BUF - 1)] = 2 + kept * 8;
-		i = 2 + kept * 8;
-	} else {
-		i = 0;
+		rew[0] = TCPOPT_SACK;
+		rew[1] = 2 + kept * 8;
+#pragma unroll
+		for (b = 0; b < 3; b++) /* kept < nblocks <= 4: at most 3 survive */
+			if (b < kept)
+				__builtin_memcpy(&rew[2 + 8 * b], &out[2 * b], 8);
 	}
-	for (; i < 34; i++) {
-		if (i >= len)
-			break;
-		buf[(at + i) & (BUF - 1)] = TCPOPT_NOP;
-	}
+	bpf_skb_store_bytes(skb, off, rew, len, 0);
 	return removed;
 }
 
@@ -184,9 +181,10 @@ int ackgate(struct __sk_buff *skb)
 	struct gate_key key = {};
 	struct gate_conn *conn;
 	struct gate_stats *st;
-	__u8 hdr[BUF] __attribute__((aligned(8)));
-	__u8 old[BUF] __attribute__((aligned(8)));
-	__u32 l4off, hlen, i, n, changed = 0;
+	__u8 old[TCP_HDR_MAX] __attribute__((aligned(8)));
+	__u8 now[TCP_HDR_MAX] __attribute__((aligned(8)));
+	struct tcphdr th;
+	__u32 l4off, hlen, off, end, n, changed = 0;
 	__u16 ports[2];
 
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
@@ -227,19 +225,16 @@ int ackgate(struct __sk_buff *skb)
 	if (!conn || !(conn->flags & GATE_GUARDED))
 		return TC_ACT_OK; /* not ours: untouched */
 
-	__builtin_memset(hdr, 0, sizeof(hdr));
-	if (bpf_skb_load_bytes(skb, l4off, hdr, TCP_HDR_MIN))
+	if (bpf_skb_load_bytes(skb, l4off, &th, sizeof(th)))
 		return TC_ACT_OK;
-	hlen = (hdr[12] >> 4) * 4;
+	hlen = th.doff * 4;
 	if (hlen < TCP_HDR_MIN || hlen > TCP_HDR_MAX || l4off + hlen > skb->len)
 		return TC_ACT_OK; /* not a valid TCP header: not ours to judge */
-	if (hlen > TCP_HDR_MIN &&
-	    bpf_skb_load_bytes(skb, l4off + TCP_HDR_MIN, &hdr[TCP_HDR_MIN], hlen - TCP_HDR_MIN))
+	if (bpf_skb_load_bytes(skb, l4off, old, hlen))
 		return TC_ACT_OK;
 
-	__u8 tcpflags = hdr[13];
-	__u32 seq = get32(hdr, 4);
-	__u32 ack = get32(hdr, 8);
+	__u32 seq = bpf_ntohl(th.seq);
+	__u32 ack = bpf_ntohl(th.ack_seq);
 	__u32 commit = conn->commit_seq;
 	__u32 ws = conn->rcv_wscale;
 	__u32 guard_flags = conn->flags;
@@ -248,25 +243,24 @@ int ackgate(struct __sk_buff *skb)
 		ws = 14;
 	st = bpf_map_lookup_elem(&ackgate_stats, &key);
 
-	if ((tcpflags & (0x01 | 0x04)) && !(guard_flags & GATE_RELEASED)) { /* FIN, RST */
+	if ((th.fin || th.rst) && !(guard_flags & GATE_RELEASED)) {
 		if (st)
 			__sync_fetch_and_add(&st->fin_rst_dropped, 1);
 		return TC_ACT_SHOT;
 	}
 
 	if (st) {
-		__u32 end = seq + (skb->len - l4off - hlen) + !!(tcpflags & 0x02);
+		__u32 sent = seq + (skb->len - l4off - hlen) + th.syn;
 
 		__sync_fetch_and_add(&st->packets, 1);
-		if (!(st->seen & SEEN_ANY) || after(end, st->snd_end))
-			st->snd_end = end;
+		if (!(st->seen & SEEN_ANY) || after(sent, st->snd_end))
+			st->snd_end = sent;
 		st->seen |= SEEN_ANY;
 	}
-	if (!(tcpflags & 0x10) || (tcpflags & 0x02)) /* no ACK, or a SYN: nothing to clamp */
+	if (!th.ack || th.syn) /* nothing to clamp */
 		return TC_ACT_OK;
 
-	__builtin_memcpy(old, hdr, sizeof(old));
-	__u32 win = ((__u32)hdr[14] << 8) | hdr[15];
+	__u32 win = bpf_ntohs(th.window);
 	__u32 right = ack + (win << ws);
 
 	if (st) {
@@ -279,12 +273,15 @@ int ackgate(struct __sk_buff *skb)
 	if (after(ack, commit)) {
 		/* right >= ack > commit, so the difference is positive. */
 		__u32 nw = (right - commit + (1U << ws) - 1) >> ws;
+		__be32 nack = bpf_htonl(commit);
+		__be16 nwin;
 
 		if (nw > 65535)
 			nw = 65535;
-		put32(hdr, 8, commit);
-		hdr[14] = nw >> 8;
-		hdr[15] = nw;
+		nwin = bpf_htons(nw);
+		if (bpf_skb_store_bytes(skb, l4off + offsetof(struct tcphdr, ack_seq), &nack, 4, 0) ||
+		    bpf_skb_store_bytes(skb, l4off + offsetof(struct tcphdr, window), &nwin, 2, 0))
+			goto fix_csum; /* whatever was written is covered by the checksum fix */
 		changed = 1;
 		if (st)
 			__sync_fetch_and_add(&st->clamped, 1);
@@ -292,33 +289,38 @@ int ackgate(struct __sk_buff *skb)
 
 	/* Options: EOL ends them; NOP is one byte; everything else is kind, length, data
 	 * with length >= 2 and inside the header. Anything else stops the parse. */
-	i = TCP_HDR_MIN;
+	off = l4off + TCP_HDR_MIN;
+	end = l4off + hlen;
 	for (n = 0; n < 40; n++) {
-		if (i >= hlen)
-			break;
-		__u8 kind = hdr[i & (BUF - 1)];
+		__u8 kl[2];
+		__u32 len;
 
-		if (kind == TCPOPT_EOL)
+		if (off >= end || bpf_skb_load_bytes(skb, off, kl, 1))
 			break;
-		if (kind == TCPOPT_NOP) {
-			i++;
+		if (kl[0] == TCPOPT_EOL)
+			break;
+		if (kl[0] == TCPOPT_NOP) {
+			off++;
 			continue;
 		}
-		if (i + 1 >= hlen)
+		if (off + 1 >= end || bpf_skb_load_bytes(skb, off + 1, &kl[1], 1))
 			break;
-		__u32 len = hdr[(i + 1) & (BUF - 1)];
-
-		if (len < 2 || i + len > hlen)
+		len = kl[1];
+		if (len < 2 || len > 40 || off + len > end)
 			break;
-		if (kind == TCPOPT_TIMESTAMP && len == 10 && st) {
-			__u32 tsval = get32(hdr, i + 2);
+		if (kl[0] == TCPOPT_TIMESTAMP && len == 10 && st) {
+			__be32 ts[2];
 
-			if (!(st->seen & SEEN_TS) || after(tsval, st->ts_val))
-				st->ts_val = tsval;
-			st->ts_ecr = get32(hdr, i + 6);
-			st->seen |= SEEN_TS;
-		} else if (kind == TCPOPT_SACK) {
-			__u32 removed = strip_sack(hdr, i, len, commit);
+			if (!bpf_skb_load_bytes(skb, off + 2, ts, 8)) {
+				__u32 tsval = bpf_ntohl(ts[0]);
+
+				if (!(st->seen & SEEN_TS) || after(tsval, st->ts_val))
+					st->ts_val = tsval;
+				st->ts_ecr = bpf_ntohl(ts[1]);
+				st->seen |= SEEN_TS;
+			}
+		} else if (kl[0] == TCPOPT_SACK) {
+			__u32 removed = strip_sack(skb, off, len, commit);
 
 			if (removed) {
 				changed = 1;
@@ -326,19 +328,21 @@ int ackgate(struct __sk_buff *skb)
 					__sync_fetch_and_add(&st->sack_stripped, removed);
 			}
 		}
-		i += len;
+		off += len;
 	}
 
 	if (!changed)
 		return TC_ACT_OK;
-	/* Same length, same addresses: only the checksum's data part changes. */
-	__s64 diff = bpf_csum_diff((__be32 *)old, hlen & 63, (__be32 *)hdr, hlen & 63, 0);
-
-	if (diff < 0)
+fix_csum:
+	/* Same length, same addresses: only the data part of the checksum changes. Under
+	 * CHECKSUM_PARTIAL bpf_l4_csum_replace leaves the check field alone (it holds the
+	 * pseudo-header sum; the device or skb_checksum_help sums the rest later). */
+	if (bpf_skb_load_bytes(skb, l4off, now, hlen))
 		return TC_ACT_OK;
-	if (bpf_skb_store_bytes(skb, l4off, hdr, hlen & 63, 0))
-		return TC_ACT_OK; /* unchanged packet: the kernel's own, still valid */
-	bpf_l4_csum_replace(skb, l4off + 16, 0, (__u32)diff, 0);
+	__s64 diff = bpf_csum_diff((__be32 *)old, hlen, (__be32 *)now, hlen, 0);
+
+	if (diff >= 0)
+		bpf_l4_csum_replace(skb, l4off + offsetof(struct tcphdr, check), 0, (__u32)diff, 0);
 	return TC_ACT_OK;
 }
 
