@@ -12,7 +12,9 @@ and the options, window scales and MSS never change after the handshake. A check
 then the registration ICI *re-anchored* (``checkpoint_ici``):
 
 - receive side at the commit offset I: copied_seq = rcv_nxt = seq(I), empty receive
-  queue. The ACK gate never acknowledged beyond I, so the peer still holds the rest.
+  queue. The ACK gate never acknowledged beyond I, so the peer still holds the rest;
+  except the bytes the kernel had acknowledged before registration (a client that speaks
+  first): those not yet committed travel in the record as the receive queue.
 - send side, logged output (the application sent its unacknowledged bytes along):
   write_seq = seq(W), the bytes as the sent queue, snd_una = write_seq - len(bytes).
 - send side, regenerable output (no bytes): anchored at the peer's acknowledged position
@@ -71,6 +73,11 @@ def checkpoint_ici(reg: Registration, *, input_offset: int, write_offset: int,
     if write_offset < reg.write:
         raise ValueError(f"write offset {write_offset} is before the registration's {reg.write}")
     rcv = reg.seq_of_read(input_offset)
+    # Bytes the kernel acknowledged before the gate was up (the registration's receive
+    # queue) will not be sent again: past the commit offset they travel in the record.
+    held = reg.read + len(reg.ici.recv_queue) - input_offset
+    recv_queue = reg.ici.recv_queue[len(reg.ici.recv_queue) - held:] if held > 0 else b""
+    rcv_nxt = (rcv + len(recv_queue)) & SEQ
     if unacked:
         anchor = write_offset
         queue = bytes(unacked)
@@ -79,11 +86,11 @@ def checkpoint_ici(reg: Registration, *, input_offset: int, write_offset: int,
         queue = b""
     write_seq = reg.seq_of_write(anchor)
     ici = reg.ici.replace(
-        rcv_nxt=rcv, copied_seq=rcv, recv_queue=b"",
+        rcv_nxt=rcv_nxt, copied_seq=rcv, recv_queue=recv_queue,
         write_seq=write_seq, snd_nxt=write_seq, snd_una=(write_seq - len(queue)) & SEQ,
         sent_queue=queue, unsent_queue=b"",
         ts_val=ts_val if reg.ici.timestamps else 0, dump_time_ns=wall_ns,
-        **_window_at(reg.ici, rcv))
+        **_window_at(reg.ici, rcv_nxt))
     return ici.validate(), anchor
 
 

@@ -54,3 +54,13 @@ def test_offsets_before_the_registration_are_refused():
     with pytest.raises(ValueError):
         checkpoint_ici(REG.__class__(REG_ICI, read=0, write=10, bytes_acked=0, rcv_wscale=7),
                        input_offset=0, write_offset=5, unacked=b"", acked_offset=None, ts_val=0, wall_ns=0)
+
+
+def test_bytes_acknowledged_before_registration_travel_in_the_record():
+    ici, _ = checkpoint_ici(REG, input_offset=5, write_offset=0, unacked=b"", acked_offset=0,
+                            ts_val=1, wall_ns=1)
+    assert ici.recv_queue == b"G" * 15
+    assert ici.copied_seq == (0xFFFFFFF0 + 5) & 0xFFFFFFFF and ici.rcv_nxt == REG_ICI.rcv_nxt
+    ici, _ = checkpoint_ici(REG, input_offset=20, write_offset=0, unacked=b"", acked_offset=0,
+                            ts_val=1, wall_ns=1)
+    assert ici.recv_queue == b""
