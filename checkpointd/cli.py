@@ -46,6 +46,33 @@ def passing_demo(connections: int, ipv6: bool, rate_mbps: float, as_json: bool) 
     sys.exit(0 if ok else 1)
 
 
+@main.command("drill")
+@click.option("--connections", default=20, show_default=True, help="half curl downloads, half KV sessions")
+@click.option("--seed", default=1, show_default=True, help="chooses the crash moment and the streams")
+@click.option("--lease-ttl", default=1.0, show_default=True, help="seconds")
+@click.option("--duration", default=4.0, show_default=True, help="seconds of traffic per connection")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="draw the fail-over (bytes against time, events marked) into this PNG")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def drill(connections: int, seed: int, lease_ttl: float, duration: float, plot: str | None,
+          as_json: bool) -> None:
+    """Kill the primary under load in namespaces and check every byte at the peers."""
+    from . import drill as drill_mod
+
+    _raise_fd_limit()
+    result = drill_mod.run(connections, seed=seed, lease_ttl=lease_ttl, duration=duration,
+                           plot=plot, progress=lambda m: click.echo(f"# {m}", err=True))
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        for key in ("connections", "resurrected", "bytes_verified", "lost_bytes", "duplicated_bytes",
+                    "resets", "max_gap_ms", "detection_ms", "takeover_ms", "restore_ms"):
+            click.echo(f"{key:18} {result.get(key)}")
+    ok = (not result["lost_bytes"] and not result["duplicated_bytes"] and not result["resets"]
+          and result["resurrected"] == connections)
+    sys.exit(0 if ok else 1)
+
+
 @main.command("run")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="TOML configuration (TCPCP_* environment variables override it)")
