@@ -1,0 +1,241 @@
+"""The fail-over drill: kill the primary under load, prove that nothing was lost.
+
+Topology: peer, host A (primary), host B (standby), etcd, each a network namespace on one
+bridge (kernel/topology.py). Both hosts run the agent and the same two applications:
+``checkpointd.apps.httpstream`` (a deterministic HTTP download, fetched by **curl**) and
+``checkpointd.apps.kv`` (a stateful line protocol, driven by ``peers/kv_client.py``, a
+plain socket program). At a random moment (seeded) A crashes honestly: its link goes
+down first, then its processes are killed by PID. B's agent sees the lease lapse,
+takes the virtual IP, resurrects every connection and hands them to its applications.
+Every downloaded byte is compared with the generator; every KV reply with the client's
+model. Timings come from the agents' event timelines (CLOCK_MONOTONIC, shared by all
+processes of the machine) and from the download files' growth, sampled every 5 ms.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from kernel import netns
+from kernel.topology import Topology
+
+from .cluster import ROOT, Cluster, wait_for
+
+HTTP_PORT, KV_PORT = 8080, 7070
+
+
+class Sampler(threading.Thread):
+    """Sizes of the download files over time: the drill's view of what the peers got."""
+
+    def __init__(self, files: list[Path], period: float = 0.005):
+        super().__init__(daemon=True)
+        self.files, self.period = files, period
+        self.samples: list[tuple[float, list[int]]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            sizes = []
+            for f in self.files:
+                try:
+                    sizes.append(f.stat().st_size)
+                except OSError:
+                    sizes.append(0)
+            self.samples.append((time.monotonic(), sizes))
+            time.sleep(self.period)
+
+    def max_gap(self, start: float, end: float) -> float:
+        """Longest time any file did not grow while it was still growing overall."""
+        worst = 0.0
+        for i in range(len(self.files)):
+            last_t, last_n = None, None
+            final = self.samples[-1][1][i] if self.samples else 0
+            for t, sizes in self.samples:
+                n = sizes[i]
+                if last_n is None or n != last_n:
+                    if last_t is not None and last_n and last_n < final and start <= t <= end:
+                        worst = max(worst, t - last_t)
+                    last_t, last_n = t, n
+        return worst
+
+
+def _event_time(status: dict | None, needle: str, after: float) -> float | None:
+    for t, text in (status or {}).get("events", []):
+        if needle in text and t >= after:
+            return t
+    return None
+
+
+def run(connections: int = 20, *, seed: int = 1, lease_ttl: float = 1.0, http_rate: int = 2_000_000,
+        duration: float = 4.0, kill_window: tuple[float, float] = (0.8, 2.0), plot: str | None = None,
+        progress=lambda msg: None, keep: bool = False) -> dict:
+    rng = random.Random(seed)
+    n_http = max(1, connections // 2)
+    n_kv = max(0, connections - n_http)
+    with Topology.create(extra=("etcd1",)) as topo, tempfile.TemporaryDirectory(prefix="tcpcp-drill-") as d:
+        work = Path(d)
+        cluster = Cluster(topo, work, lease_ttl=lease_ttl)
+        sampler = None
+        try:
+            progress(f"topology {topo.tag}: starting etcd")
+            cluster.start_etcd()
+            cluster.write_key()
+            agent_a = cluster.start_agent(topo.origin, "a")
+            cluster.wait_role("a", "primary")
+            cluster.start_agent(topo.destination, "b")
+            cluster.wait_role("b", "standby")
+            progress("agents up: a primary, b standby; starting the applications")
+            apps_a = _start_apps(cluster, topo.origin, "a", topo.vip4)
+            _start_apps(cluster, topo.destination, "b", topo.vip4)
+            length = int(http_rate * duration)
+            files = [work / f"download-{i}.bin" for i in range(n_http)]
+            seeds = [rng.randrange(1 << 30) for _ in range(n_http)]
+            curls = [cluster.spawn(topo.peer, f"curl-{i}", [
+                "curl", "-sS", "--max-time", str(int(duration * 4 + 30)), "-o", str(files[i]),
+                f"http://{topo.vip4}:{HTTP_PORT}/stream?len={length}&seed={seeds[i]}&rate={http_rate}"])
+                for i in range(n_http)]
+            kv_report = work / "kv.json"
+            kv = None
+            if n_kv:
+                kv = cluster.spawn(topo.peer, "kv-client", [
+                    sys.executable, str(ROOT / "peers" / "kv_client.py"), "--connect",
+                    f"{topo.vip4}:{KV_PORT}", "--connections", str(n_kv), "--seconds", str(duration),
+                    "--seed", str(seed), "--json"], stdout=open(kv_report, "wb"))
+            sampler = Sampler(files)
+            sampler.start()
+            wait_for(lambda: all(f.exists() and f.stat().st_size > 0 for f in files), 20,
+                     "downloads flowing")
+            delay = rng.uniform(*kill_window)
+            progress(f"{connections} connections flowing; crashing host a in {delay:.2f} s")
+            time.sleep(delay)
+            # The crash: silence the host first (a live kernel would send FIN/RST), then kill.
+            subprocess.run(["ip", "-n", topo.origin, "link", "set", "eth0", "down"], check=True)
+            killed = time.monotonic()
+            for proc in [agent_a, *apps_a]:
+                proc.kill()
+            progress("host a crashed; waiting for b to take over")
+            status_b = cluster.wait_role("b", "primary", 30)
+            wait_for(lambda: (cluster.status("b") or {}).get("last_resurrection"), 30, "resurrection")
+            status_b = cluster.status("b")
+            progress(f"b is primary: {status_b['last_resurrection']}")
+            for c in curls:
+                c.popen.wait(timeout=duration * 4 + 60)
+            if kv is not None:
+                kv.popen.wait(timeout=duration * 4 + 60)
+            sampler.stop.set()
+            status_b = cluster.status("b")
+        except BaseException:
+            for proc in cluster.procs:
+                progress(f"--- {proc.name} (pid {proc.pid}, {'alive' if proc.alive() else 'exited'})\n{proc.tail(12)}")
+            raise
+        finally:
+            if sampler is not None:
+                sampler.stop.set()
+            cluster.stop_all()
+        result = _verify(files, seeds, length, curls, kv_report if n_kv else None)
+        detection = _event_time(status_b, "promoting", killed)
+        takeover = _event_time(status_b, "took virtual IPs", killed)
+        res = status_b.get("last_resurrection") or {}
+        gap = sampler.max_gap(killed - 5, time.monotonic())
+        result.update(
+            connections=connections, seed=seed, lease_ttl_s=lease_ttl,
+            resurrected=status_b["counters"]["resurrected"],
+            refused=status_b["counters"]["refused"],
+            max_gap_ms=round(max(gap * 1000, result.pop("kv_max_gap_ms", 0.0)), 1),
+            detection_ms=round((detection - killed) * 1000, 1) if detection else None,
+            takeover_ms=round((takeover - killed) * 1000, 1) if takeover else None,
+            restore_ms=round(res.get("probe_ms", 0) + res.get("restore_ms", 0) + res.get("activate_ms", 0), 1),
+            events_b=[text for t, text in status_b["events"] if t >= killed - 0.5][:20])
+        if plot:
+            _plot(plot, sampler, killed, detection, takeover, res.get("at"))
+        return result
+
+
+def _start_apps(cluster: Cluster, ns: str, host: str, vip: str) -> list:
+    sock = str(cluster.app_socket(host))
+    wait_for(lambda: cluster.app_socket(host).exists(), 10, f"{host} agent socket")
+    procs = [cluster.spawn(ns, f"{name}-{host}", [
+        sys.executable, "-m", f"checkpointd.apps.{name}", "--listen", f"{vip}:{port}", "--agent", sock],
+        cwd=str(ROOT)) for name, port in (("httpstream", HTTP_PORT), ("kv", KV_PORT))]
+
+    def listening():
+        out = netns.run(ns, ["ss", "-Hltn"]).stdout
+        return all(f":{port} " in out for port in (HTTP_PORT, KV_PORT))
+    wait_for(listening, 20, f"applications listening on {host}", 0.05)
+    return procs
+
+
+def _verify(files, seeds, length, curls, kv_report) -> dict:
+    from .apps import httpstream
+
+    verified = lost = dup = 0
+    resets = 0
+    for f, s, c in zip(files, seeds, curls):
+        data = f.read_bytes() if f.exists() else b""
+        want = httpstream.body(s, 0, length)
+        same = _common_prefix(data, want)
+        verified += same
+        if len(data) < length:
+            lost += length - len(data)
+        elif len(data) > length:
+            dup += len(data) - length
+        if same < min(len(data), length):
+            lost += min(len(data), length) - same  # bytes that differ: counted as lost
+        if c.popen.returncode not in (0, None):
+            resets += 1
+    out = {"http_connections": len(files), "bytes_verified": verified, "lost_bytes": lost,
+           "duplicated_bytes": dup, "resets": resets}
+    if kv_report is not None:
+        try:
+            rep = json.loads(kv_report.read_text().strip().splitlines()[-1])
+        except (OSError, ValueError, IndexError):
+            rep = {"error": "kv client gave no report"}
+        out["kv"] = rep
+        out["bytes_verified"] += rep.get("bytes_verified", 0)
+        out["lost_bytes"] += rep.get("mismatches", 0) + rep.get("missing_replies", 0) + len(rep.get("errors", []))
+        out["resets"] += rep.get("resets", 0)
+        out["kv_max_gap_ms"] = rep.get("max_gap_ms", 0.0)
+    return out
+
+
+def _common_prefix(a: bytes, b: bytes) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _plot(path: str, sampler: Sampler, killed: float, detection, takeover, resumed) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t0 = sampler.samples[0][0]
+    xs = [t - t0 for t, _ in sampler.samples]
+    ys = [sum(sizes) / 1e6 for _, sizes in sampler.samples]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.plot(xs, ys, label="bytes received by the peers (curl downloads)")
+    for when, label, color in ((killed, "host a crashed", "red"), (detection, "lease lapsed: b promotes", "orange"),
+                               (takeover, "b took the VIP", "purple"), (resumed, "connections resumed", "green")):
+        if when:
+            ax.axvline(when - t0, color=color, linestyle="--", label=label)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("MB")
+    ax.set_title("tcpcp fail-over drill")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
