@@ -73,9 +73,17 @@ def _event_time(status: dict | None, needle: str, after: float) -> float | None:
     return None
 
 
+FAULTS = ("crash", "etcd-partition")
+
+
 def run(connections: int = 20, *, seed: int = 1, lease_ttl: float = 1.0, http_rate: int = 2_000_000,
         duration: float = 4.0, kill_window: tuple[float, float] = (0.8, 2.0), plot: str | None = None,
-        progress=lambda msg: None, keep: bool = False) -> dict:
+        progress=lambda msg: None, fault: str = "crash") -> dict:
+    """One drill. ``fault``: "crash" (A's link down, then its processes killed) or
+    "etcd-partition" (A alive and connected to the peers but cut off from etcd: it must
+    fence itself before its lease can lapse, and B takes over)."""
+    if fault not in FAULTS:
+        raise ValueError(f"fault must be one of {FAULTS}")
     rng = random.Random(seed)
     n_http = max(1, connections // 2)
     n_kv = max(0, connections - n_http)
@@ -115,12 +123,21 @@ def run(connections: int = 20, *, seed: int = 1, lease_ttl: float = 1.0, http_ra
             delay = rng.uniform(*kill_window)
             progress(f"{connections} connections flowing; crashing host a in {delay:.2f} s")
             time.sleep(delay)
-            # The crash: silence the host first (a live kernel would send FIN/RST), then kill.
-            subprocess.run(["ip", "-n", topo.origin, "link", "set", "eth0", "down"], check=True)
-            killed = time.monotonic()
-            for proc in [agent_a, *apps_a]:
-                proc.kill()
-            progress("host a crashed; waiting for b to take over")
+            if fault == "crash":
+                # Silence the host first (a live kernel would send FIN/RST), then kill.
+                subprocess.run(["ip", "-n", topo.origin, "link", "set", "eth0", "down"], check=True)
+                killed = time.monotonic()
+                for proc in [agent_a, *apps_a]:
+                    proc.kill()
+                progress("host a crashed; waiting for b to take over")
+            else:
+                etcd_ip = cluster.etcd_host.ipv4
+                netns.run(topo.origin, ["nft", "-f", "-"], input=(
+                    "table inet drill_cut {\n chain o { type filter hook output priority 0; "
+                    f"ip daddr {etcd_ip} drop; }}\n chain i {{ type filter hook input priority 0; "
+                    f"ip saddr {etcd_ip} drop; }}\n}}\n"))
+                killed = time.monotonic()
+                progress("host a cut off from etcd (alive); waiting for it to fence and b to take over")
             status_b = cluster.wait_role("b", "primary", 30)
             wait_for(lambda: (cluster.status("b") or {}).get("last_resurrection"), 30, "resurrection")
             status_b = cluster.status("b")
@@ -131,6 +148,7 @@ def run(connections: int = 20, *, seed: int = 1, lease_ttl: float = 1.0, http_ra
                 kv.popen.wait(timeout=duration * 4 + 60)
             sampler.stop.set()
             status_b = cluster.status("b")
+            status_a = cluster.status("a")
         except BaseException:
             for proc in cluster.procs:
                 progress(f"--- {proc.name} (pid {proc.pid}, {'alive' if proc.alive() else 'exited'})\n{proc.tail(12)}")
@@ -152,7 +170,13 @@ def run(connections: int = 20, *, seed: int = 1, lease_ttl: float = 1.0, http_ra
             detection_ms=round((detection - killed) * 1000, 1) if detection else None,
             takeover_ms=round((takeover - killed) * 1000, 1) if takeover else None,
             restore_ms=round(res.get("probe_ms", 0) + res.get("restore_ms", 0) + res.get("activate_ms", 0), 1),
-            events_b=[text for t, text in status_b["events"] if t >= killed - 0.5][:20])
+            events_b=[text for t, text in status_b["events"] if t >= killed - 0.5][:20],
+            fault=fault)
+        if fault == "etcd-partition":
+            fenced = _event_time(status_a, "fenced", killed)
+            result.update(a_role=status_a["role"], a_fenced_ms=round((fenced - killed) * 1000, 1) if fenced else None,
+                          fenced_before_takeover=bool(fenced and detection and fenced < detection),
+                          events_a=[text for t, text in status_a["events"] if t >= killed - 0.5][:10])
         if plot:
             _plot(plot, sampler, killed, detection, takeover, res.get("at"))
         return result
