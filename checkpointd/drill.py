@@ -166,6 +166,7 @@ def run(connections: int = 20, *, seed: int = 1, lease_ttl: float = 1.0, http_ra
             connections=connections, seed=seed, lease_ttl_s=lease_ttl,
             resurrected=status_b["counters"]["resurrected"],
             refused=status_b["counters"]["refused"],
+            http_max_gap_ms=round(gap * 1000, 1), kv_max_gap_ms=result.get("kv_max_gap_ms", 0.0),
             max_gap_ms=round(max(gap * 1000, result.pop("kv_max_gap_ms", 0.0)), 1),
             detection_ms=round((detection - killed) * 1000, 1) if detection else None,
             takeover_ms=round((takeover - killed) * 1000, 1) if takeover else None,

@@ -48,8 +48,20 @@ def icmp_unreachable(ici: ICI) -> bytes:
     return struct.pack("!BBHI", ICMPV6_DEST_UNREACH, ICMPV6_NOROUTE, 0, 0) + ip6 + tcp8
 
 
-def nudge(icis: list[ICI]) -> int:
-    """Send one unreachable message per connection to its peer; returns how many went out.
+def backoffs(elapsed_s: float, rto_min_s: float = 0.2) -> int:
+    """How many times a peer's retransmission timer has doubled after ``elapsed_s``
+    without an answer, at least once: 200 ms, then 400, 800... (pure)."""
+    n, waited, rto = 0, 0.0, rto_min_s
+    while waited + rto <= elapsed_s and n < 12:
+        waited += rto
+        rto *= 2
+        n += 1
+    return max(1, n)
+
+
+def nudge(icis: list[ICI], count: int = 1) -> int:
+    """Send ``count`` unreachable messages per connection to its peer (each undoes one
+    backoff step); returns how many went out.
 
     Call it in the destination's namespace right after activation (the peer must already
     have the destination's first ACK, so that its snd_una equals our rcv_nxt).
@@ -62,11 +74,13 @@ def nudge(icis: list[ICI]) -> int:
                 socks[ici.family] = (socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
                                      if ici.family == 4 else
                                      socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6))
-            try:
-                socks[ici.family].sendto(icmp_unreachable(ici), (str(ici.remote_addr), 0))
-                sent += 1
-            except OSError:
-                pass  # best effort: the peer's own timer still recovers
+            msg = icmp_unreachable(ici)
+            for _ in range(count):
+                try:
+                    socks[ici.family].sendto(msg, (str(ici.remote_addr), 0))
+                    sent += 1
+                except OSError:
+                    pass  # best effort: the peer's own timer still recovers
     finally:
         for s in socks.values():
             s.close()

@@ -126,7 +126,11 @@ def resurrect(agent, prepared: Prepared) -> int:
     for rec, target, r, restored in made:
         repair.activate(restored)
     t_active = agent.clock()
-    nudge.nudge([target for _, target, _, _ in made])
+    # the peers have been retransmitting into the void since the crash: undo as many
+    # backoff steps as they can have taken since the newest checkpoint
+    oldest = min((rec.wall_ns for rec, _, _, _ in made), default=now_ns)
+    nudge.nudge([target for _, target, _, _ in made],
+                count=nudge.backoffs((agent.wall() - oldest) / 1e9))
     for rec, target, r, restored in made:
         sock = restored.sock
         reg = Registration(target.replace(recv_queue=b"", rcv_nxt=target.copied_seq)

@@ -87,3 +87,9 @@ def test_passing_record_round_trip_and_envelope_damage():
         assert err.value.field == "record"
     with pytest.raises(ICIError):
         passing.unpack(blob[:-1])
+
+
+@pytest.mark.parametrize("elapsed,want", [(0.0, 1), (0.19, 1), (0.2, 1), (0.61, 2), (1.5, 3), (3.0, 4)])
+def test_backoff_steps_to_undo(elapsed, want):
+    from kernel.nudge import backoffs
+    assert backoffs(elapsed) == want
