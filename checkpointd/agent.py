@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from kernel import ackgate, netns, repair, vip
+from kernel import ackgate, repair, vip
 from kernel.isolate import Isolation, tuple_of
 
 from . import decide, protocol
@@ -34,7 +34,7 @@ from .config import Config
 from .conns import Registration, checkpoint_ici
 from .store import record as records
 from .store.base import CheckpointStore, Lease
-from .store.errors import NotLeader, StoreError, StoreUnavailable
+from .store.errors import StoreError
 from .store.keyring import Keyring
 from .store.layout import Layout
 

@@ -22,7 +22,6 @@ The peer checks every byte and reports loss, duplication, resets and its longest
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import sys
 import tempfile

@@ -23,7 +23,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import ipaddress
-import os
 import select
 import socket
 import struct

@@ -21,7 +21,6 @@ RST: an explicit end, never a connection that hangs.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 

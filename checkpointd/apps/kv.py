@@ -15,9 +15,9 @@ import argparse
 import json
 import socket
 import sys
-import threading
 
 from checkpointd.app import AgentClient
+from checkpointd.apps import serve_forever
 
 
 def apply(store: dict, line: str) -> str:
@@ -83,27 +83,11 @@ def resume(p, state: bytes) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--listen", required=True)
-    ap.add_argument("--agent", required=True)
+    ap.add_argument("--listen", required=True, help="ADDR:PORT (the virtual IP)")
+    ap.add_argument("--agent", required=True, help="the agent's application socket")
     args = ap.parse_args(argv)
-    addr, port = args.listen.rsplit(":", 1)
-    addr = addr.strip("[]")
-    client = AgentClient(args.agent, ports=(int(port),))
-    fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
-    ls = socket.socket(fam, socket.SOCK_STREAM)
-    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    ls.setsockopt(socket.IPPROTO_IPV6 if fam == socket.AF_INET6 else socket.IPPROTO_IP,
-                  78 if fam == socket.AF_INET6 else 15, 1)
-    ls.bind((addr, int(port)))
-    ls.listen(1024)
-
-    def resumer():
-        for p, state in client.resumed():
-            threading.Thread(target=resume, args=(p, state), daemon=True).start()
-    threading.Thread(target=resumer, daemon=True).start()
-    while True:
-        sock, _ = ls.accept()
-        threading.Thread(target=handle, args=(client, sock), daemon=True).start()
+    serve_forever(args.listen, args.agent, handle, resume)
+    return 0
 
 
 if __name__ == "__main__":
