@@ -80,6 +80,7 @@ class Conn:
     last_written: float = 0.0
     state: bytes = b""             # newest durable application state
     last_commit: "Commit | None" = None  # newest durable commit (periodic re-checkpoints)
+    owed_durable: int = 0          # a "durable" answer the application's channel had no room for
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -107,6 +108,7 @@ class Agent:
         self.events: list[tuple[float, str]] = []    # (monotonic time, what happened)
         self.counters = {"checkpoints": 0, "commit_batches": 0, "refused": 0,
                          "resurrected": 0, "fenced": 0}
+        self._queued = False   # a commit is waiting for the committer
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
 
@@ -371,6 +373,9 @@ class Agent:
             if conn.pending is None or msg["seq"] > conn.pending.seq:
                 conn.pending = Commit(msg["seq"], msg["input"], msg["output"], msg["read"],
                                       msg["write"], state, unacked)
+        with self.wake:
+            self._queued = True
+            self.wake.notify_all()
 
     def _release(self, chan: socket.socket, key: str) -> None:
         with self.lock:
@@ -389,8 +394,14 @@ class Agent:
 
     # -- group commit ---------------------------------------------------------------------
     def _commit_loop(self) -> None:
+        """Group commit: a round starts as soon as a commit is queued and the previous
+        round is done, so whatever queued during one etcd write goes in the next one.
+        ``commit_interval`` bounds the wait when nothing is queued (periodic checkpoints)."""
         while not self.stopping.is_set():
-            self.stopping.wait(self.config.commit_interval)
+            with self.wake:
+                if not self._queued:
+                    self.wake.wait(self.config.commit_interval)
+                self._queued = False
             if self.machine.state.role is not decide.Role.PRIMARY or self.fenced or self.lease is None:
                 continue
             try:
@@ -410,6 +421,7 @@ class Agent:
                 c = conn.pending
                 conn.pending = None
             if c is None:
+                self._tell_durable(conn)
                 if now - conn.last_written < self.config.checkpoint_interval:
                     continue
                 c = Commit(conn.durable_seq, conn.durable_input, *self._last(conn))
@@ -472,10 +484,23 @@ class Agent:
             except OSError as exc:
                 log.warning("%s: gate not raised: %s", conn.key, exc)
         if conn.app is not None and c.seq > 0:
-            try:
-                protocol.send(conn.app, "durable", conn=conn.key, seq=c.seq)
-            except OSError:
-                conn.app = None
+            conn.owed_durable = max(conn.owed_durable, c.seq)
+        self._tell_durable(conn)
+
+    def _tell_durable(self, conn: Conn) -> None:
+        """Tell the application, without ever waiting for it: an application that does not
+        read its channel must not stall the commits of every other connection. "durable up
+        to seq" is cumulative, so an answer that does not fit now is sent later, merged."""
+        if conn.app is None or not conn.owed_durable:
+            return
+        try:
+            protocol.send(conn.app, "durable", conn=conn.key, seq=conn.owed_durable,
+                          flags=socket.MSG_DONTWAIT)
+            conn.owed_durable = 0
+        except BlockingIOError:
+            pass
+        except OSError:
+            conn.app = None
 
     # -- resurrection ------------------------------------------------------------------------
     def _load(self, epoch: int):

@@ -53,17 +53,23 @@ class Sampler(threading.Thread):
 
     def max_gap(self, start: float, end: float) -> float:
         """Longest time any file did not grow while it was still growing overall."""
-        worst = 0.0
+        return self.gaps(start, end)[0][0] if self.files else 0.0
+
+    def gaps(self, start: float, end: float) -> list[tuple[float, int, float]]:
+        """Each file's longest pause: (seconds, file index, when it ended), longest first."""
+        out = []
         for i in range(len(self.files)):
             last_t, last_n = None, None
             final = self.samples[-1][1][i] if self.samples else 0
+            worst = (0.0, i, 0.0)
             for t, sizes in self.samples:
                 n = sizes[i]
                 if last_n is None or n != last_n:
                     if last_t is not None and last_n and last_n < final and start <= t <= end:
-                        worst = max(worst, t - last_t)
+                        worst = max(worst, (t - last_t, i, t))
                     last_t, last_n = t, n
-        return worst
+            out.append(worst)
+        return sorted(out, reverse=True)
 
 
 def _event_time(status: dict | None, needle: str, after: float) -> float | None:
@@ -167,6 +173,8 @@ def run(connections: int = 20, *, seed: int = 1, lease_ttl: float = 1.0, http_ra
             resurrected=status_b["counters"]["resurrected"],
             refused=status_b["counters"]["refused"],
             http_max_gap_ms=round(gap * 1000, 1), kv_max_gap_ms=result.get("kv_max_gap_ms", 0.0),
+            http_gap_ends_ms=[round((t - killed) * 1000) for _, _, t in sampler.gaps(killed - 5, time.monotonic())[:5]],
+            resumed_ms=round((res["at"] - killed) * 1000, 1) if res.get("at") else None,
             max_gap_ms=round(max(gap * 1000, result.pop("kv_max_gap_ms", 0.0)), 1),
             detection_ms=round((detection - killed) * 1000, 1) if detection else None,
             takeover_ms=round((takeover - killed) * 1000, 1) if takeover else None,

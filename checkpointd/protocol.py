@@ -119,12 +119,15 @@ def _check(op: str, fields: dict) -> None:
             raise ProtocolError(f"{op}.{key} must be an unsigned 64-bit integer")
 
 
-def send(sock: socket.socket, op: str, payload: bytes = b"", fd: int | None = None, **fields) -> None:
+def send(sock: socket.socket, op: str, payload: bytes = b"", fd: int | None = None, *,
+         flags: int = 0, **fields) -> None:
+    """Send one message. ``flags=socket.MSG_DONTWAIT`` raises BlockingIOError instead of
+    waiting when the receiver is not reading (the agent never waits for an application)."""
     data = encode(op, payload, **fields)
     if fd is None:
-        sock.sendmsg([data])
+        sock.sendmsg([data], [], flags)
     else:
-        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))], flags)
 
 
 def recv(sock: socket.socket) -> Message | None:
