@@ -1,14 +1,28 @@
 #!/usr/bin/env python3
-"""The unmodified peer of the KV service: plain sockets, standard library only.
+"""The unmodified peer of the KV service (checkpointd.apps.kv): plain sockets, standard
+library only, nothing imported from tcpcp.
 
-N connections, each sending a seeded pseudo-random sequence of SET/GET/INCR/SUM requests
-at a steady pace and checking every reply against its own model of the server's state:
-a request lost or applied twice, or a reply lost or repeated, makes a mismatch.
+N connections; each sends a seeded pseudo-random sequence of SET/GET/INCR/SUM requests
+and checks every reply against its own model of the server's state. A request lost or
+applied twice, or a reply lost, repeated or corrupted, makes a mismatch. Two modes:
+
+- open loop (default): requests at a steady rate (``--rate`` per second per connection,
+  or ``--pace`` seconds apart), sometimes several per write, sometimes one split over two
+  writes, replies checked as they come (pipelined);
+- ``--closed-loop``: one request in flight per connection; reports requests/s and the
+  p50/p99 round-trip latency.
+
+At the end each connection waits for its missing replies, half-closes, and expects a
+clean end of stream. Prints one JSON object (``--json``) or a dict: connections, requests,
+replies_verified, bytes_verified, mismatches, missing_replies, resets, errors,
+max_gap_ms (longest wait for the next reply while replies were owed), ok. Exit status 0
+only when every request got its expected reply.
 
     python3 peers/kv_client.py --connect HOST:PORT --connections N --seconds S --seed X --json
 """
 
 import argparse
+import collections
 import json
 import random
 import socket
@@ -18,150 +32,256 @@ import time
 
 
 def model_apply(store, line):
+    """The client's model of the server: the protocol's definition."""
     parts = line.split(" ")
     op = parts[0]
-    if op == "SET":
+    if op == "SET" and len(parts) == 3:
         store[parts[1]] = parts[2]
         return "OK"
-    if op == "GET":
-        return f"VALUE {store[parts[1]]}" if parts[1] in store else "NONE"
-    if op == "INCR":
-        n = int(store.get(parts[1], "0")) + 1
-        store[parts[1]] = str(n)
-        return f"INT {n}"
-    total = 0
-    for v in store.values():
+    if op == "GET" and len(parts) == 2:
+        return "VALUE " + store[parts[1]] if parts[1] in store else "NONE"
+    if op == "INCR" and len(parts) == 2:
         try:
-            total += int(v)
+            n = int(store.get(parts[1], "0")) + 1
         except ValueError:
-            pass
-    return f"INT {total}"
+            return "ERR not an integer"
+        store[parts[1]] = str(n)
+        return "INT %d" % n
+    if op == "SUM" and len(parts) == 1:
+        total = 0
+        for v in store.values():
+            try:
+                total += int(v)
+            except ValueError:
+                pass
+        return "INT %d" % total
+    return "ERR bad request"
 
 
-def requests(rng):
-    keys = [f"k{i}" for i in range(8)]
+def requests(rng, keys=8):
+    """An endless seeded request sequence."""
+    names = ["k%d" % i for i in range(keys)]
     while True:
         r = rng.random()
-        k = rng.choice(keys)
-        if r < 0.4:
-            yield f"INCR {k}"
-        elif r < 0.6:
-            yield f"SET {k} {rng.randrange(1000)}"
-        elif r < 0.9:
-            yield f"GET {k}"
+        k = rng.choice(names)
+        if r < 0.40:
+            yield "INCR " + k
+        elif r < 0.57:
+            yield "SET %s %d" % (k, rng.randrange(1000))
+        elif r < 0.60:
+            yield "SET %s w%d" % (k, rng.randrange(100))   # not an integer: INCR says ERR
+        elif r < 0.90:
+            yield "GET " + k
         else:
             yield "SUM"
 
 
-def session(i, args, out):
-    rng = random.Random(args.seed * 100003 + i)
-    host, port = args.connect.rsplit(":", 1)
-    host = host.strip("[]")
-    stats = {"requests": 0, "replies_verified": 0, "mismatches": 0, "resets": 0,
-             "max_gap_ms": 0.0, "bytes_verified": 0}
-    try:
-        sock = socket.create_connection((host, int(port)), timeout=30)
-    except OSError as exc:
-        stats["error"] = f"connect: {exc}"
-        out[i] = stats
-        return
-    sock.settimeout(30)
-    expected = []          # replies still owed, in order
-    lock = threading.Lock()
-    done = threading.Event()
-    model = {}
+class Session:
+    """One connection: a sender (the calling thread) and a reader checking replies."""
 
-    def reader():
+    def __init__(self, index, args):
+        self.args = args
+        self.rng = random.Random(args.seed * 100003 + index)
+        self.stats = {"requests": 0, "replies_verified": 0, "bytes_verified": 0, "mismatches": 0,
+                      "resets": 0, "max_gap_ms": 0.0, "missing_replies": 0}
+        self.expected = collections.deque()   # replies owed, oldest first
+        self.lock = threading.Lock()
+        self.progress = None   # when the oldest owed reply became due, or the last reply came
+        self.eof = threading.Event()
+        self.latencies = []
+
+    def error(self, text):
+        self.stats.setdefault("error", text)
+
+    def run(self):
+        host, _, port = self.args.connect.rpartition(":")
+        try:
+            self.sock = socket.create_connection((host.strip("[]"), int(port)), timeout=self.args.timeout)
+        except OSError as exc:
+            self.error("connect: %s" % exc)
+            return self.stats
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.args.closed_loop:
+            self.closed_loop()
+            self.sock.close()
+            return self.stats
+        reader = threading.Thread(target=self.read_loop, daemon=True)
+        reader.start()
+        try:
+            self.send_loop()
+        except ConnectionResetError:
+            self.stats["resets"] += 1
+        except OSError as exc:
+            self.error("send: %s" % exc)
+        deadline = time.monotonic() + self.args.drain
+        while time.monotonic() < deadline and not self.eof.is_set():
+            with self.lock:
+                if not self.expected:
+                    break
+            time.sleep(0.005)
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        reader.join(self.args.drain)
+        with self.lock:
+            self.stats["missing_replies"] = len(self.expected)
+            self.gap(time.monotonic())
+        self.sock.close()
+        return self.stats
+
+    def send_loop(self):
+        gen = requests(self.rng, self.args.keys)
+        model = {}
+        interval = 1.0 / self.args.rate
+        start = time.monotonic()
+        end = start + self.args.seconds
+        due = start
+        while True:
+            now = time.monotonic()
+            if now >= end or self.eof.is_set():
+                return
+            if due > now:
+                time.sleep(due - now)
+            burst = 1 + (self.rng.random() < 0.2) * self.rng.randrange(1, 3)
+            lines = [next(gen) for _ in range(burst)]
+            with self.lock:
+                if not self.expected:
+                    self.progress = time.monotonic()
+                for line in lines:
+                    self.expected.append(model_apply(model, line))
+            data = "".join(line + "\n" for line in lines).encode()
+            if self.rng.random() < 0.05 and len(data) > 2:    # a request split over two writes
+                cut = self.rng.randrange(1, len(data) - 1)
+                self.sock.sendall(data[:cut])
+                time.sleep(0.001)
+                data = data[cut:]
+            self.sock.sendall(data)
+            self.stats["requests"] += burst
+            due += interval * burst
+
+    def gap(self, now):
+        """Record the wait since the last progress if replies are owed (lock held)."""
+        if self.expected and self.progress is not None:
+            self.stats["max_gap_ms"] = max(self.stats["max_gap_ms"], (now - self.progress) * 1000)
+
+    def check(self, line, want):
+        text = line.decode("ascii", "replace")
+        if text == want:
+            self.stats["replies_verified"] += 1
+            self.stats["bytes_verified"] += len(line) + 1
+        else:
+            self.stats["mismatches"] += 1
+            self.stats.setdefault("first_mismatch", [text, want])
+
+    def read_loop(self):
         buf = b""
-        last = time.monotonic()
         try:
             while True:
-                data = sock.recv(65536)
-                if not data:
-                    break
+                data = self.sock.recv(65536)
                 now = time.monotonic()
-                stats["max_gap_ms"] = max(stats["max_gap_ms"], (now - last) * 1000)
-                last = now
+                if not data:
+                    with self.lock:
+                        if self.expected:
+                            self.error("the server closed with %d replies owed" % len(self.expected))
+                    return
                 buf += data
                 while b"\n" in buf:
                     line, buf = buf.split(b"\n", 1)
-                    with lock:
-                        want = expected.pop(0) if expected else None
-                    if line.decode() == want:
-                        stats["replies_verified"] += 1
-                        stats["bytes_verified"] += len(line) + 1
-                    else:
-                        stats["mismatches"] += 1
-                        stats.setdefault("first_mismatch", (line.decode(), want))
-                if done.is_set() and not expected:
-                    break
+                    with self.lock:
+                        self.gap(now)
+                        want = self.expected.popleft() if self.expected else None
+                        self.progress = now
+                    self.check(line, want)
+        except socket.timeout:
+            self.error("no reply for %s s" % self.args.timeout)
         except ConnectionResetError:
-            stats["resets"] += 1
+            self.stats["resets"] += 1
         except OSError as exc:
-            stats["error"] = str(exc)
+            self.error("recv: %s" % exc)
+        finally:
+            self.eof.set()
 
-    t = threading.Thread(target=reader, daemon=True)
-    t.start()
-    gen = requests(rng)
-    end = time.monotonic() + args.seconds
-    try:
-        while time.monotonic() < end:
-            line = next(gen)
-            with lock:
-                expected.append(model_apply(model, line))
-            sock.sendall((line + "\n").encode())
-            stats["requests"] += 1
-            time.sleep(args.pace)
-    except ConnectionResetError:
-        stats["resets"] += 1
-    except OSError as exc:
-        stats["error"] = str(exc)
-    done.set()
-    deadline = time.monotonic() + args.drain
-    while time.monotonic() < deadline:
-        with lock:
-            if not expected:
-                break
-        time.sleep(0.01)
-    with lock:
-        stats["missing_replies"] = len(expected)
-    try:
-        sock.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass
-    t.join(5)
-    sock.close()
-    out[i] = stats
+    def closed_loop(self):
+        gen = requests(self.rng, self.args.keys)
+        model = {}
+        end = time.monotonic() + self.args.seconds
+        buf = b""
+        try:
+            while time.monotonic() < end:
+                line = next(gen)
+                want = model_apply(model, line)
+                t0 = time.perf_counter()
+                self.sock.sendall((line + "\n").encode())
+                self.stats["requests"] += 1
+                while b"\n" not in buf:
+                    data = self.sock.recv(65536)
+                    if not data:
+                        self.stats["missing_replies"] += 1
+                        self.error("the server closed with a reply owed")
+                        return
+                    buf += data
+                reply, buf = buf.split(b"\n", 1)
+                took = time.perf_counter() - t0
+                self.latencies.append(took)
+                self.stats["max_gap_ms"] = max(self.stats["max_gap_ms"], took * 1000)
+                self.check(reply, want)
+            self.sock.shutdown(socket.SHUT_WR)
+            if self.sock.recv(65536) not in (b"",):
+                self.stats["mismatches"] += 1
+                self.stats.setdefault("first_mismatch", ["bytes after the last reply", None])
+        except socket.timeout:
+            self.error("no reply for %s s" % self.args.timeout)
+        except ConnectionResetError:
+            self.stats["resets"] += 1
+        except OSError as exc:
+            self.error("closed loop: %s" % exc)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--connect", required=True)
+    ap.add_argument("--connect", required=True, metavar="HOST:PORT")
     ap.add_argument("--connections", type=int, default=1)
-    ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--pace", type=float, default=0.002, help="seconds between requests")
-    ap.add_argument("--drain", type=float, default=30.0)
+    ap.add_argument("--seconds", type=float, default=5.0, help="how long to send requests")
+    ap.add_argument("--rate", type=float, default=500.0, help="requests per second per connection")
+    ap.add_argument("--pace", type=float, help="seconds between requests (instead of --rate)")
+    ap.add_argument("--closed-loop", action="store_true",
+                    help="one request in flight per connection; report latency percentiles")
+    ap.add_argument("--keys", type=int, default=8, help="distinct keys per connection")
+    ap.add_argument("--drain", type=float, default=30.0, help="seconds to wait for the last replies")
+    ap.add_argument("--timeout", type=float, default=60.0, help="socket timeout (s)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    out = [None] * args.connections
-    threads = [threading.Thread(target=session, args=(i, args, out)) for i in range(args.connections)]
+    if args.pace:
+        args.rate = 1.0 / args.pace
+    sessions = [Session(i, args) for i in range(args.connections)]
+    out = [None] * len(sessions)
+
+    def run(i):
+        out[i] = sessions[i].run()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(sessions))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     total = {"connections": args.connections}
-    for key in ("requests", "replies_verified", "mismatches", "resets", "bytes_verified", "missing_replies"):
-        total[key] = sum(s.get(key, 0) for s in out)
+    for key in ("requests", "replies_verified", "bytes_verified", "mismatches", "missing_replies", "resets"):
+        total[key] = sum(s[key] for s in out)
     total["errors"] = [s["error"] for s in out if "error" in s]
-    total["max_gap_ms"] = round(max(s["max_gap_ms"] for s in out), 1)
+    total["max_gap_ms"] = round(max((s["max_gap_ms"] for s in out), default=0.0), 1)
+    lat = sorted(x for s in sessions for x in s.latencies)
+    if lat:
+        total["requests_per_s"] = round(len(lat) / args.seconds, 1)
+        total["p50_ms"] = round(lat[len(lat) // 2] * 1000, 3)
+        total["p99_ms"] = round(lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000, 3)
     firsts = [s["first_mismatch"] for s in out if "first_mismatch" in s]
     if firsts:
         total["first_mismatch"] = firsts[0]
-    ok = not total["mismatches"] and not total["resets"] and not total["errors"] and not total["missing_replies"]
-    total["ok"] = ok
-    print(json.dumps(total) if args.json else total)
-    return 0 if ok else 1
+    total["ok"] = bool(total["requests"]) and total["replies_verified"] == total["requests"] and not (
+        total["mismatches"] or total["missing_replies"] or total["resets"] or total["errors"])
+    print(json.dumps(total) if args.json else total, flush=True)
+    return 0 if total["ok"] else 1
 
 
 if __name__ == "__main__":

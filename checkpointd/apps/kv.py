@@ -1,30 +1,44 @@
-"""A stateful line protocol, protected by checkpointd (the drill's (b)).
+"""A stateful line protocol protected by checkpointd (the drill's (b)).
 
-Requests, one per line: ``SET k v``, ``GET k``, ``INCR k``, ``SUM``. Replies: ``OK``,
-``VALUE v`` (or ``NONE``), ``INT n``, ``INT sum-of-integer-values``. Every reply depends on
-all earlier requests of the connection, so a request lost or applied twice shows in the
-client's model (peers/kv_client.py). The replies cannot be regenerated once the state has
-moved on, so they are logged: each commit carries the unacknowledged ones.
+Requests, one per line (``\\n``-terminated, ASCII words)::
+
+    SET k v    -> OK
+    GET k      -> VALUE v   or NONE
+    INCR k     -> INT n     (k's value + 1; a missing key counts as 0)
+    SUM        -> INT n     (the sum of every integer value)
+    anything else, or INCR of a non-integer -> ERR reason
+
+Each connection has its own store, and every reply depends on all the earlier requests
+of that connection: a request lost or applied twice, a reply lost or repeated, shows in
+the client's model (peers/kv_client.py checks every reply).
+
+Why its output is logged: a reply cannot be regenerated once the state has moved on, so
+the connection registers with ``regenerable=False`` and the library keeps a copy of the
+replies the peer has not acknowledged, sent along with each commit. After each batch of
+requests (all the complete lines one ``recv`` brought) it writes the replies, then
+commits (state, I = bytes of complete requests consumed, O = W). After a fail-over the
+standby's copy loads the state, reads again from I (the peer resends everything after I:
+the ACK gate never acknowledged it), and regenerates the replies; the library drops the
+first D of them (the peer has them) and the agent resent the unacknowledged ones.
 
     python -m checkpointd.apps.kv --listen ADDR:PORT --agent /run/tcpcp/app.sock
+    python -m checkpointd.apps.kv --listen ADDR:PORT --no-agent     (baseline)
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import socket
-import sys
 
-from checkpointd.app import AgentClient
-from checkpointd.apps import serve_forever
+from . import Server, main as _main
+
+MAX_LINE = 4096
 
 
 def apply(store: dict, line: str) -> str:
-    """One request against the state (pure)."""
+    """One request against ``store`` (str -> str), which it updates; the reply (pure)."""
     parts = line.split(" ")
     op = parts[0]
-    if op == "SET" and len(parts) == 3:
+    if op == "SET" and len(parts) == 3 and parts[1] and parts[2]:
         store[parts[1]] = parts[2]
         return "OK"
     if op == "GET" and len(parts) == 2:
@@ -47,48 +61,55 @@ def apply(store: dict, line: str) -> str:
     return "ERR bad request"
 
 
-def serve(p, store: dict, consumed: int, output: int) -> None:
-    buf = b""
-    while True:
-        data = p.recv(65536)
-        if not data:
-            break
-        buf += data
-        replies = []
-        while b"\n" in buf:
-            line, buf = buf.split(b"\n", 1)
-            consumed += len(line) + 1
-            replies.append(apply(store, line.decode()) + "\n")
-        if replies:
-            out = "".join(replies).encode()
-            p.sendall(out)
-            output = p.write
-            p.commit(json.dumps(store, separators=(",", ":")).encode(), input=consumed, output=output)
-    p.commit(json.dumps(store, separators=(",", ":")).encode(), input=consumed + 1, output=output)
-    p.release()
-    p.sock.close()
+def encode_state(store: dict, requests: int) -> bytes:
+    return json.dumps({"kv": store, "n": requests}, separators=(",", ":")).encode()
 
 
-def handle(client: AgentClient, sock: socket.socket) -> None:
-    p = client.register(sock, b"{}", regenerable=False)
-    serve(p, {}, 0, 0)
+def decode_state(state: bytes) -> tuple[dict, int]:
+    if not state:
+        return {}, 0
+    st = json.loads(state)
+    return dict(st["kv"]), int(st["n"])
 
 
-def resume(p, state: bytes) -> None:
-    p.regenerable = False
-    store = json.loads(state)
-    consumed, output, _discard = p.resumed
-    serve(p, store, consumed, output)
+class KV(Server):
+    """A stateful line protocol protected by checkpointd."""
+
+    name = "kv"
+    regenerable = False
+
+    def serve_conn(self, p) -> None:
+        store, requests = decode_state(p.state)
+        consumed, out = p.input, p.output     # the state's offsets: I and O
+        buf = bytearray()
+        while True:
+            self.wait_readable(p, quiescent=not buf)
+            data = p.recv(65536)
+            if not data:
+                break
+            buf += data
+            replies = []
+            start = 0
+            while (nl := buf.find(b"\n", start)) >= 0:
+                line = bytes(buf[start:nl]).decode("ascii", "replace").rstrip("\r")
+                replies.append(apply(store, line) + "\n")
+                start = nl + 1
+            if start:
+                del buf[:start]
+                consumed += start
+                requests += len(replies)
+                data = "".join(replies).encode()
+                p.sendall(data)
+                out += len(data)
+                p.commit(encode_state(store, requests), input=consumed, output=out)
+            if len(buf) > MAX_LINE:
+                raise ValueError(f"request line longer than {MAX_LINE} bytes")
+        self.finish(p)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--listen", required=True, help="ADDR:PORT (the virtual IP)")
-    ap.add_argument("--agent", required=True, help="the agent's application socket")
-    args = ap.parse_args(argv)
-    serve_forever(args.listen, args.agent, handle, resume)
-    return 0
+    return _main(KV, argv, __doc__)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())
