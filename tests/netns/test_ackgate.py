@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from kernel import ackgate, bpf, netns, repair, tcpseg
 from kernel.tcpseg import GUARDED, RELEASED, TH_ACK, TH_FIN, TH_PSH, TH_RST, TH_SYN
+from polling import until
 
 pytestmark = pytest.mark.netns
 
@@ -58,18 +59,6 @@ except OSError as e:
     end = "error " + str(e)
 print(json.dumps({"end": end}), flush=True)
 """
-
-
-def until(check, timeout, what):
-    """Poll ``check`` until it returns something truthy; fail saying ``what`` if not."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout} s")
-        time.sleep(0.01)
 
 
 def addr(topology, role, family):

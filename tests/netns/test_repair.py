@@ -34,6 +34,8 @@ from kernel.errors import AddressError, ICIError, KernelError, PrivilegeError
 from kernel.ici import F_SACK, F_TIMESTAMP, F_WINDOW, F_WSCALE, ICI
 from kernel.isolate import Isolation, tuple_of
 
+from polling import until
+
 pytestmark = pytest.mark.netns
 
 PORT = 7100
@@ -42,17 +44,6 @@ PEER4, PEER6 = "10.77.0.1", "fd77::1"
 
 
 # --- helpers --------------------------------------------------------------------------
-
-def until(check, timeout, what):
-    """Poll ``check`` until it returns something truthy; fail saying ``what`` if not."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout} s")
-        time.sleep(0.01)
 
 
 def stream(size: int, seed: int) -> bytes:

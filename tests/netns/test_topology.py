@@ -14,22 +14,12 @@ import pytest
 from kernel import netns, vip
 from kernel.topology import Topology
 
+from polling import until
+
 pytestmark = pytest.mark.netns
 
 PORT = 7777
 NAME = re.compile(r"tcpcp-[0-9a-f]{6}-(peer|a|b|br)")
-
-
-def until(check, timeout, what):
-    """Poll ``check`` until it returns something truthy; fail saying ``what`` if not."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout} s")
-        time.sleep(0.01)
 
 
 class Responder:
