@@ -109,6 +109,11 @@ class Agent:
         self.counters = {"checkpoints": 0, "commit_batches": 0, "refused": 0,
                          "resurrected": 0, "fenced": 0}
         self._queued = False   # a commit is waiting for the committer
+        self._last_role: decide.Role | None = None
+        self._pending_resurrection = None        # prepared by Isolate, used by Resurrect
+        # resurrected connections whose application has not connected yet, by local port
+        self.unclaimed: dict[int, list] = {}
+        self.last_resurrection: dict | None = None
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
 
@@ -148,7 +153,7 @@ class Agent:
         return {"host": self.config.host_name, "role": st.role.value, "epoch": st.epoch,
                 "holder": st.holder, "connections": len(self.conns), "fenced": self.fenced,
                 "counters": dict(self.counters),
-                "last_resurrection": getattr(self, "last_resurrection", None),
+                "last_resurrection": self.last_resurrection,
                 "events": [(round(t, 6), text) for t, text in self.events[-200:]],
                 "clock": self.clock(), "wall_ns": self.wall()}
 
@@ -167,7 +172,7 @@ class Agent:
                 log.warning("%s", exc)
                 obs = self._look()
                 continue
-            if decision.actions or decision.new_state.role is not getattr(self, "_last_role", None):
+            if decision.actions or decision.new_state.role is not self._last_role:
                 self.note(f"{decision.new_state.role.value}: {decision.reason}")
             self._last_role = decision.new_state.role
             follow = None
@@ -315,7 +320,7 @@ class Agent:
         if msg.op == "serve":
             with self.lock:
                 self.apps[msg["port"]] = chan
-                waiting = getattr(self, "_unclaimed", {}).pop(msg["port"], [])
+                waiting = self.unclaimed.pop(msg["port"], [])
             for item in waiting:
                 self._hand_over(chan, *item)
         elif msg.op == "register":
@@ -509,7 +514,7 @@ class Agent:
 
     def _resurrect(self, epoch: int) -> None:
         from resurrect import core
-        prepared = getattr(self, "_pending_resurrection", None) or core.prepare(self, epoch)
+        prepared = self._pending_resurrection or core.prepare(self, epoch)
         self._pending_resurrection = None
         core.resurrect(self, prepared)
 

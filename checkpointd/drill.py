@@ -210,6 +210,7 @@ def _verify(files, seeds, length, curls, kv_report) -> dict:
 
     verified = lost = dup = 0
     resets = 0
+    problems: list[dict] = []
     for f, s, c in zip(files, seeds, curls):
         data = f.read_bytes() if f.exists() else b""
         want = httpstream.body(s, 0, length)
@@ -223,8 +224,12 @@ def _verify(files, seeds, length, curls, kv_report) -> dict:
             lost += min(len(data), length) - same  # bytes that differ: counted as lost
         if c.popen.returncode not in (0, None):
             resets += 1
+        if same != length or len(data) != length or c.popen.returncode:
+            problems.append({"download": f.name, "received": len(data), "expected": length,
+                             "first_difference": same, "curl_rc": c.popen.returncode,
+                             "curl_said": c.tail(2)})
     out = {"http_connections": len(files), "bytes_verified": verified, "lost_bytes": lost,
-           "duplicated_bytes": dup, "resets": resets}
+           "duplicated_bytes": dup, "resets": resets, "http_problems": problems}
     if kv_report is not None:
         try:
             rep = json.loads(kv_report.read_text().strip().splitlines()[-1])

@@ -147,7 +147,7 @@ def resurrect(agent, prepared: Prepared) -> int:
             agent.conns[conn.key] = conn
             chan = agent.apps.get(target.local_port)
             if chan is None:
-                agent.__dict__.setdefault("_unclaimed", {}).setdefault(target.local_port, []).append(
+                agent.unclaimed.setdefault(target.local_port, []).append(
                     (conn, dict(input=r.input_offset, output=r.output_offset, discard=r.discard)))
         if chan is not None:
             agent._hand_over(chan, conn, dict(input=r.input_offset, output=r.output_offset,
