@@ -76,7 +76,35 @@ def add_vip(ns: str | None, addr: str, ifname: str, prefixlen: int | None = None
             if e.code == errno.EEXIST:
                 return False
             raise
+    if ip.version == 6:
+        _wait_solicited_node(ns, ip, ifname)
     return True
+
+
+def solicited_node(ip: ipaddress.IPv6Address) -> str:
+    """The solicited-node group of ``ip`` as /proc/net/igmp6 prints it (pure)."""
+    return "ff0200000000000000000001ff" + ip.packed[-3:].hex()
+
+
+def _wait_solicited_node(ns: str | None, ip, ifname: str, deadline_s: float = 1.0) -> None:
+    """Return once the kernel has joined the address's solicited-node group.
+
+    Even with nodad the join lands a moment after the address; a neighbour solicitation
+    arriving before it is dropped and the sender waits a second to ask again. A takeover
+    that announces with an unsolicited NA does not depend on it, so a timeout is not an
+    error: the address works, only a first solicitation may go unanswered.
+    """
+    group = solicited_node(ip)
+    end = time.monotonic() + deadline_s
+    with netns.within(ns):
+        while time.monotonic() < end:
+            try:
+                with open("/proc/thread-self/net/igmp6") as f:
+                    if any(ifname in line and group in line for line in f):
+                        return
+            except OSError:
+                return
+            time.sleep(0.002)
 
 
 def remove_vip(ns: str | None, addr: str, ifname: str) -> bool:

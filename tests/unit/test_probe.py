@@ -93,3 +93,10 @@ def test_passing_record_round_trip_and_envelope_damage():
 def test_backoff_steps_to_undo(elapsed, want):
     from kernel.nudge import backoffs
     assert backoffs(elapsed) == want
+
+
+def test_solicited_node_group_as_proc_prints_it():
+    import ipaddress
+
+    from kernel.vip import solicited_node
+    assert solicited_node(ipaddress.ip_address("fd77::1:2345")) == "ff0200000000000000000001ff012345"
