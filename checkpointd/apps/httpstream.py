@@ -29,6 +29,7 @@ from . import Server, main as _main
 
 BLOCK = 4096                  # body generator block
 CHUNK = 64 << 10              # bytes per send
+MIN_SEND = 4096              # paced sends wait for at least this much budget
 COMMIT_EVERY = 0.05           # seconds between commits while sending ...
 COMMIT_BYTES = 256 << 10      # ... or bytes, whichever comes first
 MAX_REQUEST = 8192            # request line + headers
@@ -159,8 +160,9 @@ class HttpStream(Server):
             if rate:
                 # pace on W: swallowed (discarded) bytes are free
                 budget = burst + int((time.monotonic() - t0) * rate) - (p.write - w0)
-                if budget <= 0:
-                    time.sleep(min(0.02, -budget / rate + 0.001))
+                least = min(MIN_SEND, n)  # no dribble of 4-byte segments between ticks
+                if budget < least:
+                    time.sleep(min(0.02, (least - budget) / rate + 0.001))
                     continue
                 n = min(n, budget)
             data = response(st, pos, n)
