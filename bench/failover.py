@@ -10,13 +10,13 @@ Needs root (namespaces tcpcp-*, its own etcd).
 
 import argparse
 import json
-import resource
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from checkpointd import drill  # noqa: E402
+from checkpointd.cluster import raise_fd_limit  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -27,8 +27,7 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=float, default=4.0)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
+    raise_fd_limit()
     rows = []
     for n in args.connections:
         r = drill.run(n, seed=args.seed, lease_ttl=args.lease_ttl, duration=args.duration,

@@ -9,12 +9,12 @@ Needs root: it builds its own network namespaces (tcpcp-*) and removes them.
 
 import argparse
 import json
-import resource
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from checkpointd.cluster import raise_fd_limit  # noqa: E402
 from kernel import livepass  # noqa: E402
 
 
@@ -29,8 +29,7 @@ def main(argv=None) -> int:
                     help="restore without learning the peer's acknowledged position first")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
+    raise_fd_limit()
     log = (lambda m: print(f"# {m}", file=sys.stderr, flush=True))
     result = livepass.run(args.connections, family=6 if args.ipv6 else 4, warmup_s=args.warmup,
                           after_s=args.after, rate_mbps=args.rate_mbps,

@@ -10,14 +10,13 @@ latency for both, and their ratio. Needs root (namespaces, its own etcd).
 
 import argparse
 import json
-import resource
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from checkpointd.cluster import ROOT, Cluster, wait_for  # noqa: E402
+from checkpointd.cluster import ROOT, Cluster, raise_fd_limit, wait_for  # noqa: E402
 from kernel import netns  # noqa: E402
 from kernel.topology import Topology  # noqa: E402
 
@@ -38,8 +37,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
+    raise_fd_limit()
     with Topology.create(extra=("etcd1",)) as topo, tempfile.TemporaryDirectory() as d:
         cluster = Cluster(topo, Path(d))
         try:

@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 
 import click
 
-
-def _raise_fd_limit() -> None:
-    """A thousand connections on both hosts plus the peer's need more than 1024 fds."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
+from .cluster import raise_fd_limit
 
 
 @click.group()
@@ -31,7 +26,7 @@ def passing_demo(connections: int, ipv6: bool, rate_mbps: float, as_json: bool) 
     """Pass N live connections from host A to host B in namespaces; the peer checks every byte."""
     from kernel import livepass
 
-    _raise_fd_limit()
+    raise_fd_limit()
     log = (lambda m: click.echo(f"# {m}", err=True))
     result = livepass.run(connections, family=6 if ipv6 else 4, rate_mbps=rate_mbps, log=log)
     if as_json:
@@ -59,7 +54,7 @@ def drill(connections: int, seed: int, lease_ttl: float, duration: float, plot: 
     """Kill the primary under load in namespaces and check every byte at the peers."""
     from . import drill as drill_mod
 
-    _raise_fd_limit()
+    raise_fd_limit()
     result = drill_mod.run(connections, seed=seed, lease_ttl=lease_ttl, duration=duration,
                            plot=plot, progress=lambda m: click.echo(f"# {m}", err=True))
     if as_json:
@@ -102,7 +97,7 @@ def run(config_path: str | None, no_gate: bool, status_path: str | None, verbose
     except (ConfigError, KeyringError, OSError) as exc:
         click.echo(f"checkpointd: {exc}", err=True)
         sys.exit(2)
-    _raise_fd_limit()
+    raise_fd_limit()
     store = EtcdStore(config.etcd_endpoints, config.cluster_name, timeout=config.retry_timeout)
     gate = None if no_gate else ackgate.Gate.open([config.interface])
     agent = Agent(config, store, keyring, gate=gate).start()

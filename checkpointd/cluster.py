@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -23,6 +24,12 @@ from .store.keyring import new_key_line
 
 ROOT = Path(__file__).resolve().parent.parent
 ETCD = "/usr/bin/etcd"
+
+
+def raise_fd_limit() -> None:
+    """A thousand connections on both hosts plus the peer's need more than 1024 fds."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
 
 
 def wait_for(predicate, deadline_s: float, what: str, interval: float = 0.02):
@@ -117,6 +124,17 @@ class Cluster:
                     return False
         wait_for(healthy, 20, "etcd healthy", 0.1)
         return proc
+
+    def start_pair(self) -> Proc:
+        """etcd, the key file, agent a (waited until primary), agent b (until standby).
+        Returns a's agent process (the one a drill kills)."""
+        self.start_etcd()
+        self.write_key()
+        agent_a = self.start_agent(self.topo.origin, "a")
+        self.wait_role("a", "primary")
+        self.start_agent(self.topo.destination, "b")
+        self.wait_role("b", "standby")
+        return agent_a
 
     # -- agents ------------------------------------------------------------------------
     def write_key(self) -> Path:

@@ -99,12 +99,7 @@ def run(connections: int = 20, *, seed: int = 1, lease_ttl: float = 1.0, http_ra
         sampler = None
         try:
             progress(f"topology {topo.tag}: starting etcd")
-            cluster.start_etcd()
-            cluster.write_key()
-            agent_a = cluster.start_agent(topo.origin, "a")
-            cluster.wait_role("a", "primary")
-            cluster.start_agent(topo.destination, "b")
-            cluster.wait_role("b", "standby")
+            agent_a = cluster.start_pair()
             progress("agents up: a primary, b standby; starting the applications")
             apps_a = _start_apps(cluster, topo.origin, "a", topo.vip4)
             _start_apps(cluster, topo.destination, "b", topo.vip4)

@@ -185,12 +185,7 @@ def test_primary_crash_under_load_loses_nothing(commit_every):
     with Topology.create(extra=("etcd1",)) as topo, tempfile.TemporaryDirectory() as d:
         cluster = Cluster(topo, Path(d))
         try:
-            cluster.start_etcd()
-            cluster.write_key()
-            agent_a = cluster.start_agent(topo.origin, "a")
-            cluster.wait_role("a", "primary")
-            cluster.start_agent(topo.destination, "b")
-            cluster.wait_role("b", "standby")
+            agent_a = cluster.start_pair()
             app_a = SumApp(topo.origin, cluster.app_socket("a"), topo.vip4, commit_every)
             app_a.listen()
             app_b = SumApp(topo.destination, cluster.app_socket("b"), topo.vip4, commit_every)
