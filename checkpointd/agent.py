@@ -18,12 +18,14 @@ Three loops, each in its own thread:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
 import struct
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 
 from kernel import ackgate, repair, vip
@@ -34,7 +36,7 @@ from .config import Config
 from .conns import Registration, checkpoint_ici
 from .store import record as records
 from .store.base import CheckpointStore, Lease
-from .store.errors import StoreError
+from .store.errors import StoreError, StoreUnavailable
 from .store.keyring import Keyring
 from .store.layout import Layout
 
@@ -63,6 +65,7 @@ class Commit:
     write: int
     state: bytes
     unacked: bytes
+    queued: float = 0.0    # monotonic time the application's commit arrived (metrics)
 
 
 @dataclass
@@ -81,6 +84,9 @@ class Conn:
     state: bytes = b""             # newest durable application state
     last_commit: "Commit | None" = None  # newest durable commit (periodic re-checkpoints)
     owed_durable: int = 0          # a "durable" answer the application's channel had no room for
+    exposed: bool = False          # the ACK gate was released (fail-safe): the kernel acks freely
+    protected_from: int = 0        # records are safe only from this input offset on
+    stale_record: bool = False     # a record from before the release may still be in etcd
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -91,10 +97,11 @@ class Conn:
 class Agent:
     def __init__(self, config: Config, store: CheckpointStore, keyring: Keyring, *,
                  gate: ackgate.Gate | None = None, isolation: Isolation | None = None,
-                 clock=time.monotonic, wall=time.time_ns):
+                 clock=time.monotonic, wall=time.time_ns, metrics=None):
         self.config, self.store, self.keyring = config, store, keyring
         self.layout = Layout(config.cluster_name)
         self.gate = gate
+        self.metrics = metrics        # checkpointd.metrics.AgentMetrics, or None
         self.isolation = isolation or Isolation()
         self.clock, self.wall = clock, wall
         self.machine = decide.RoleMachine(config, clock=clock)
@@ -116,6 +123,16 @@ class Agent:
         self.last_resurrection: dict | None = None
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
+        # fault injection for drills (``checkpointd run --fault-point``): armed by SIGUSR1
+        self.fault_point: str | None = None
+        self.fault_armed = threading.Event()
+        self.ha_loop_at: float | None = None  # the HA loop's last pass (/health)
+        self.ha_lock = threading.Lock()       # the role machine: HA loop and the REST API
+        self.etcd_down_since: float | None = None
+        self.unprotected_since: float | None = None
+        # epoch -> wall ns: that epoch's primary ran unprotected (told us in a fail-safe
+        # request); its records written before then are stale
+        self.stale_epochs: dict[int, int] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> "Agent":
@@ -152,10 +169,32 @@ class Agent:
         st = self.machine.state
         return {"host": self.config.host_name, "role": st.role.value, "epoch": st.epoch,
                 "holder": st.holder, "connections": len(self.conns), "fenced": self.fenced,
+                "unprotected": self.unprotected_since is not None,
+                "etcd_reachable": self.etcd_down_since is None, "paused": st.paused,
                 "counters": dict(self.counters),
                 "last_resurrection": self.last_resurrection,
                 "events": [(round(t, 6), text) for t, text in self.events[-200:]],
-                "clock": self.clock(), "wall_ns": self.wall()}
+                "clock": self.clock(), "wall_ns": self.wall(), "ha_loop_at": self.ha_loop_at,
+                "connections_protected": sum(c.guard is not None for c in list(self.conns.values())),
+                "connections_unprotected": sum(c.guard is None for c in list(self.conns.values()))}
+
+    def connections(self) -> list[dict]:
+        """Per connection, for ``resurrect list``: input bytes received since its last
+        durable checkpoint, whether the ACK gate guards it, whether a record covers it."""
+        with self.lock:
+            conns = list(self.conns.values())
+        out = []
+        for c in conns:
+            try:
+                received = c.reg.received_offset(tcp_bytes(c.sock)[1])
+            except OSError:
+                received = c.durable_input
+            out.append({"key": c.key, "bytes_since_checkpoint": max(0, received - c.durable_input),
+                        "guarded": c.guard is not None,
+                        "unprotected": c.exposed or c.durable_input < c.protected_from,
+                        "durable_input": c.durable_input, "checkpoints_age_s":
+                        round(self.clock() - c.last_written, 3) if c.last_written else None})
+        return out
 
     def note(self, text: str) -> None:
         """One line of what happened, for logs, status and the drill's timeline."""
@@ -167,11 +206,15 @@ class Agent:
         obs: object = self._look()
         while not self.stopping.is_set():
             try:
-                decision = self.machine.observe(obs)
+                with self.ha_lock:
+                    decision = self.machine.observe(obs)
             except decide.IllegalTransition as exc:
                 log.warning("%s", exc)
                 obs = self._look()
                 continue
+            self.ha_loop_at = self.clock()
+            if self.metrics is not None:
+                self.metrics.set_role(decision.new_state.role.value)
             if decision.actions or decision.new_state.role is not self._last_role:
                 self.note(f"{decision.new_state.role.value}: {decision.reason}")
             self._last_role = decision.new_state.role
@@ -192,33 +235,157 @@ class Agent:
             sent = self.clock()
             try:
                 ttl = self.store.renew(self.lease)
-            except StoreError:
+            except StoreUnavailable:
+                down = self._etcd_down(sent)
+                if role is decide.Role.PRIMARY:
+                    confirmed = self._ask_failsafe()
+                    if confirmed is not None:
+                        return decide.EtcdUnreachable(since=down, failsafe_at=confirmed)
                 return decide.RenewFailed(last_ok=self.machine.state.last_renew or sent)
+            except StoreError:   # etcd answered: the lease is gone
+                self.etcd_down_since = None
+                return decide.RenewFailed(last_ok=self.machine.state.last_renew or sent)
+            self.etcd_down_since = None
             if ttl > 0:
                 return decide.LeaseRenewed(at=sent)
             return decide.RenewFailed(last_ok=self.machine.state.last_renew or sent)
         try:
             leader = self.store.leader()
         except StoreError:
-            return decide.EtcdUnreachable(since=self.clock())
+            return decide.EtcdUnreachable(since=self._etcd_down(self.clock()))
+        self.etcd_down_since = None
         if leader.name is None:
             return decide.LeaderVanished(epoch=leader.epoch or None, revision=leader.revision)
-        return decide.LeaderSeen(holder=leader.name, epoch=leader.epoch, revision=leader.revision)
+        left = None
+        if role in (decide.Role.STANDBY, decide.Role.STARTING) and leader.lease_id:
+            try:
+                left = self.store.lease_time_left(leader.lease_id)
+            except StoreError:
+                left = None   # a late sweep by etcd is the fallback
+        return decide.LeaderSeen(holder=leader.name, epoch=leader.epoch, revision=leader.revision,
+                                 lease_id=leader.lease_id, ttl_left=left[0] if left else None,
+                                 ttl_granted=left[1] if left else None)
+
+    def _etcd_down(self, now: float) -> float:
+        if self.etcd_down_since is None:
+            self.etcd_down_since = now
+        return self.etcd_down_since
+
+    # -- fail-safe (Patroni's failsafe_mode) --------------------------------------------------
+    def _ask_failsafe(self) -> float | None:
+        """Ask every partner agent to confirm that it cannot reach etcd either; the send
+        time if all confirm (each then promised not to take the leader key for lease_ttl
+        after answering), else None. No partners: None, and the primary fences as usual."""
+        partners = self.config.api_partners
+        if not partners:
+            return None
+        sent = self.clock()
+        body = json.dumps({"holder": self.config.host_name, "epoch": self.machine.state.epoch,
+                           "unprotected": self.unprotected_since is not None}).encode()
+        timeout = max(0.05, min(self.config.retry_timeout, self.config.renew_interval * 2))
+        for partner in partners:
+            url = partner if "//" in partner else f"http://{partner}"
+            try:
+                req = urllib.request.Request(url.rstrip("/") + "/failsafe", data=body,
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=timeout) as r:
+                    answer = json.load(r)
+            except (OSError, ValueError) as exc:
+                log.debug("fail-safe: %s did not confirm: %s", partner, exc)
+                return None
+            if not answer.get("ok"):
+                log.info("fail-safe refused by %s: %s", partner, answer.get("reason"))
+                return None
+        return sent
+
+    def on_failsafe(self, body: dict) -> dict:
+        """POST /failsafe from the primary (checkpointd/api.py calls this)."""
+        try:
+            obs = decide.FailsafeRequested(holder=str(body["holder"]), epoch=int(body["epoch"]),
+                                           unprotected=bool(body.get("unprotected", False)))
+        except (KeyError, TypeError, ValueError) as exc:
+            return {"ok": False, "host": self.config.host_name, "reason": f"bad request: {exc}"}
+        with self.ha_lock:
+            decision = self.machine.observe(obs)
+        self.note(f"{decision.new_state.role.value}: {decision.reason}")
+        answer = next((a for a in decision.actions if isinstance(a, decide.AnswerFailsafe)), None)
+        if answer is not None and answer.unprotected_epoch is not None:
+            self.stale_epochs.setdefault(answer.unprotected_epoch, self.wall())
+        return {"ok": bool(answer and answer.ok), "host": self.config.host_name,
+                "reason": decision.reason}
+
+    def _release_gate(self, since: float) -> None:
+        """Fail-safe past the grace: stop clamping ACKs. Each connection's record in etcd
+        is stale from now on (the peer is acknowledged beyond it)."""
+        self.unprotected_since = since
+        with self.lock:
+            conns = list(self.conns.values())
+        for c in conns:
+            if c.guard is not None:
+                try:
+                    c.guard.remove()
+                except OSError:
+                    pass
+                c.guard = None
+            c.exposed = True
+            c.stale_record = True
+        self.note(f"released the ACK gate of {len(conns)} connections: unprotected")
+
+    def _engage_gate(self) -> None:
+        """etcd answers again: clamp ACKs where the kernel has got to (it cannot take back
+        what it acknowledged); a connection is protected again from its first durable
+        commit at or beyond that point. Until then its stale record is deleted."""
+        self.unprotected_since = None
+        with self.lock:
+            conns = [c for c in self.conns.values() if c.exposed]
+        for c in conns:
+            c.protected_from = c.reg.received_offset(tcp_bytes(c.sock)[1])
+            c.guard = self._guard(c.tuple, c.reg.seq_of_read(c.protected_from), c.reg.rcv_wscale)
+            c.exposed = False
+        self._delete_stale()
+        self.note(f"re-engaged the ACK gate of {len(conns)} connections")
+
+    def _delete_stale(self) -> None:
+        with self.lock:
+            stale = [c for c in self.conns.values() if c.stale_record and not c.exposed]
+        for c in stale:
+            if self.lease is None:
+                return
+            try:
+                self.store.delete(c.key, leader_lease=self.lease)
+                c.stale_record = False
+            except StoreError as exc:
+                log.warning("%s: stale record not deleted yet: %s", c.key, exc)
+                return
 
     def _do(self, action) -> object | None:
         """Perform one action; return an observation to feed back at once, if any."""
         if isinstance(action, decide.AcquireLeader):
             sent = self.clock()
             try:
-                lease = self.store.acquire_leader(self.config.host_name, max(1, round(self.config.lease_ttl)))
+                lease = self.store.acquire_leader(self.config.host_name, decide.granted_ttl(self.config))
             except StoreError:
                 return decide.EtcdUnreachable(since=sent)
             if lease is None:
                 return self._look()
             self.lease = lease
             return decide.LeaderAcquired(epoch=lease.epoch, revision=0, at=sent)
+        if isinstance(action, decide.RevokeLapsedLease):
+            try:
+                self.store.revoke_lapsed(action.lease_id)
+            except StoreError:
+                pass   # etcd's own sweep ends it soon
+            return self._look()
         if isinstance(action, decide.RenewLease):
             return None  # _look renews on every cycle of a primary
+        if isinstance(action, decide.AnswerFailsafe):
+            return None  # answered by on_failsafe
+        if isinstance(action, decide.MarkUnprotected):
+            self.unprotected_since = action.since
+        elif isinstance(action, decide.ReleaseGate):
+            self._release_gate(self.unprotected_since or self.clock())
+        elif isinstance(action, decide.EngageGate):
+            self._engage_gate()
         if isinstance(action, decide.FenceConnections):
             self._fence()
         elif isinstance(action, decide.UnfenceConnections):
@@ -340,14 +507,16 @@ class Agent:
                 ici = repair.dump(sock)
             finally:
                 repair.repair_off(sock, window_probe=False)
-            acked, _ = tcp_bytes(sock)
+            acked, received = tcp_bytes(sock)
             reg = Registration(ici, read=msg["read"], write=msg["write"], bytes_acked=acked,
-                               rcv_wscale=ici.rcv_wscale)
-            guard = self._guard(tuple_of(ici), ici.rcv_nxt, ici.rcv_wscale)
+                               rcv_wscale=ici.rcv_wscale, bytes_received=received)
+            guard = None if self.unprotected_since is not None else \
+                self._guard(tuple_of(ici), ici.rcv_nxt, ici.rcv_wscale)
         except BaseException:
             sock.close()
             raise
-        conn = Conn(msg["conn"], sock, chan, reg, guard, state=msg.payload)
+        conn = Conn(msg["conn"], sock, chan, reg, guard, state=msg.payload,
+                    exposed=guard is None and self.unprotected_since is not None)
         conn.pending = Commit(0, msg["input"], msg["output"], msg["read"], msg["write"], msg.payload, b"")
         with self.lock:
             self.conns[conn.key] = conn
@@ -377,7 +546,7 @@ class Agent:
         with conn.lock:
             if conn.pending is None or msg["seq"] > conn.pending.seq:
                 conn.pending = Commit(msg["seq"], msg["input"], msg["output"], msg["read"],
-                                      msg["write"], state, unacked)
+                                      msg["write"], state, unacked, self.clock())
         with self.wake:
             self._queued = True
             self.wake.notify_all()
@@ -421,10 +590,18 @@ class Agent:
         batch: list[tuple[Conn, Commit, str, bytes]] = []
         with self.lock:
             conns = list(self.conns.values())
+        if any(c.stale_record for c in conns):
+            self._delete_stale()
         for conn in conns:
             with conn.lock:
                 c = conn.pending
                 conn.pending = None
+            if conn.exposed or (c.input if c else conn.durable_input) < conn.protected_from:
+                # unprotected: the kernel acknowledged beyond this commit, so no record can
+                # describe the connection; the application goes on as if it were durable
+                if c is not None:
+                    self._accept_unprotected(conn, c)
+                continue
             if c is None:
                 self._tell_durable(conn)
                 if now - conn.last_written < self.config.checkpoint_interval:
@@ -449,11 +626,34 @@ class Agent:
                 log.warning("checkpoint batch not written: %s", exc)
                 break
             self.counters["commit_batches"] += 1
+            self._maybe_stop_after_write(part)
             for conn, c, _, _ in part:
                 self._durable(conn, c, now)
                 written += 1
         self.counters["checkpoints"] += written
         return written
+
+    def _maybe_stop_after_write(self, part) -> None:
+        """Drills only: the host dies between a checkpoint becoming durable in etcd and
+        the ACK gate being raised for it (the peer never hears that its bytes are safe).
+        The committer stops here for good once armed, on the first batch that carries
+        new input; the drill then silences the host and kills it."""
+        if self.fault_point != "after-write" or not self.fault_armed.is_set():
+            return
+        new = [conn.key for conn, c, _, _ in part if c.input > conn.durable_input]
+        if not new:
+            return
+        self.note(f"fault point after-write: {len(new)} checkpoints with new input are "
+                  f"durable, their ACK gates not raised (e.g. {new[0]}); committer stopped")
+        threading.Event().wait()
+
+    def _accept_unprotected(self, conn: Conn, c: Commit) -> None:
+        conn.state, conn.last_commit = c.state, c
+        conn.durable_seq = max(conn.durable_seq, c.seq)
+        conn.durable_input = max(conn.durable_input, c.input)
+        if conn.app is not None and c.seq > 0:
+            conn.owed_durable = max(conn.owed_durable, c.seq)
+        self._tell_durable(conn)
 
     def _last(self, conn: Conn) -> tuple:
         """A periodic re-checkpoint with the newest durable offsets (fresh clocks)."""
@@ -473,10 +673,12 @@ class Agent:
             conn_key=conn.key, ici=ici.encode(), app_state=c.state, input_offset=c.input,
             output_offset=min(c.output, anchor) if not c.unacked else c.output,
             write_offset=anchor, ts_val=ici.ts_val, wall_ns=now_wall, epoch=epoch,
-            seq=max(0, c.seq))
+            seq=max(0, c.seq), acked_input=min(conn.durable_input, c.input))
         return records.seal(rec, self.keyring, self.layout.conn(conn.key))
 
     def _durable(self, conn: Conn, c: Commit, now: float) -> None:
+        if self.metrics is not None and c.queued:
+            self.metrics.observe_commit(self.clock() - c.queued)
         conn.last_written = now
         conn.last_commit = c
         conn.state = c.state

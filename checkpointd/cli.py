@@ -48,15 +48,21 @@ def passing_demo(connections: int, ipv6: bool, rate_mbps: float, as_json: bool) 
 @click.option("--duration", default=4.0, show_default=True, help="seconds of traffic per connection")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="draw the fail-over (bytes against time, events marked) into this PNG")
+@click.option("--fault", type=click.Choice(["crash", "mid-commit", "etcd-partition"]),
+              default="crash", show_default=True,
+              help="crash: link down then kill; mid-commit: the same, between a durable etcd "
+                   "write and the ACK gate's raise; etcd-partition: cut off from etcd, alive")
+@click.option("--pcap", type=click.Path(dir_okay=False), default=None,
+              help="capture the peer's packets (headers) into this file")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def drill(connections: int, seed: int, lease_ttl: float, duration: float, plot: str | None,
-          as_json: bool) -> None:
+          fault: str, pcap: str | None, as_json: bool) -> None:
     """Kill the primary under load in namespaces and check every byte at the peers."""
     from . import drill as drill_mod
 
     raise_fd_limit()
     result = drill_mod.run(connections, seed=seed, lease_ttl=lease_ttl, duration=duration,
-                           plot=plot, progress=lambda m: click.echo(f"# {m}", err=True))
+                           plot=plot, fault=fault, pcap=pcap, progress=lambda m: click.echo(f"# {m}", err=True))
     if as_json:
         click.echo(json.dumps(result))
     else:
@@ -74,8 +80,12 @@ def drill(connections: int, seed: int, lease_ttl: float, duration: float, plot: 
 @click.option("--no-gate", is_flag=True, help="run without the ACK gate (unprotected input)")
 @click.option("--status", "status_path", type=click.Path(dir_okay=False), default=None,
               help="rewrite this JSON file with the agent's status every 100 ms")
+@click.option("--fault-point", type=click.Choice(["after-write"]), default=None, hidden=True,
+              help="drills: on SIGUSR1, stop the committer after its next etcd write, "
+                   "before the ACK gates are raised")
 @click.option("--verbose", "-v", is_flag=True)
-def run(config_path: str | None, no_gate: bool, status_path: str | None, verbose: bool) -> None:
+def run(config_path: str | None, no_gate: bool, status_path: str | None, fault_point: str | None,
+        verbose: bool) -> None:
     """Run the agent until SIGTERM or SIGINT."""
     import logging
     import signal
@@ -83,24 +93,47 @@ def run(config_path: str | None, no_gate: bool, status_path: str | None, verbose
 
     from kernel import ackgate
 
+    from . import logfmt
     from .agent import Agent
+    from .api import AgentAPI
+    from .metrics import AgentMetrics
     from .config import ConfigError, load
     from .store.errors import KeyringError
-    from .store.etcd import EtcdStore
+    from .store.etcd import store_from_config
     from .store.keyring import Keyring
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     try:
         config = load(config_path)
         keyring = Keyring.from_file(config.key_file)
     except (ConfigError, KeyringError, OSError) as exc:
         click.echo(f"checkpointd: {exc}", err=True)
         sys.exit(2)
+    logfmt.configure(config.log_format, logging.DEBUG if verbose else logging.INFO)
     raise_fd_limit()
-    store = EtcdStore(config.etcd_endpoints, config.cluster_name, timeout=config.retry_timeout)
+    try:
+        store = store_from_config(config)
+    except (ConfigError, OSError, ValueError) as exc:
+        click.echo(f"checkpointd: {exc}", err=True)
+        sys.exit(2)
     gate = None if no_gate else ackgate.Gate.open([config.interface])
-    agent = Agent(config, store, keyring, gate=gate).start()
+    metrics = AgentMetrics()
+    agent = Agent(config, store, keyring, gate=gate, metrics=metrics)
+    api = None
+    if config.api_listen:
+        api = AgentAPI(config.api_listen, lambda: {**agent.status(), "conns": agent.connections()},
+                       metrics, on_failsafe=agent.on_failsafe,
+                       liveness_s=max(1.0, 3 * config.renew_interval))
+    if fault_point:
+        agent.fault_point = fault_point
+        signal.signal(signal.SIGUSR1, lambda *_: agent.fault_armed.set())
+    agent.start()
+    if api is not None:
+        try:
+            api.start()
+        except OSError as exc:
+            click.echo(f"checkpointd: REST API on {config.api_listen}: {exc}", err=True)
+            agent.stop()
+            sys.exit(2)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
@@ -112,6 +145,8 @@ def run(config_path: str | None, no_gate: bool, status_path: str | None, verbose
             with open(tmp, "w") as f:
                 json.dump(agent.status(), f)
             os.replace(tmp, status_path)
+    if api is not None:
+        api.stop()
     agent.stop()
     if gate is not None:
         gate.close(detach=True)

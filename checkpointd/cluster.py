@@ -125,12 +125,13 @@ class Cluster:
         wait_for(healthy, 20, "etcd healthy", 0.1)
         return proc
 
-    def start_pair(self) -> Proc:
+    def start_pair(self, *, fault_point: str | None = None) -> Proc:
         """etcd, the key file, agent a (waited until primary), agent b (until standby).
-        Returns a's agent process (the one a drill kills)."""
+        Returns a's agent process (the one a drill kills). ``fault_point``: a's
+        ``--fault-point`` (armed later by SIGUSR1)."""
         self.start_etcd()
         self.write_key()
-        agent_a = self.start_agent(self.topo.origin, "a")
+        agent_a = self.start_agent(self.topo.origin, "a", fault_point=fault_point)
         self.wait_role("a", "primary")
         self.start_agent(self.topo.destination, "b")
         self.wait_role("b", "standby")
@@ -169,16 +170,28 @@ msl = 120
 clock_skew = 0.05
 [app]
 socket = "{self.workdir / host / 'app.sock'}"
+[api]
+listen = "{self.api_address(host)}"
+partners = {json.dumps([f"http://{self.api_address(h)}" for h in ("a", "b") if h != host])}
 """)
         return path
 
-    def start_agent(self, ns: str, host: str, *, gate: bool = True) -> Proc:
+    def start_agent(self, ns: str, host: str, *, gate: bool = True,
+                    fault_point: str | None = None) -> Proc:
         (self.workdir / host).mkdir(exist_ok=True)
         argv = [sys.executable, "-m", "checkpointd.cli", "run", "--config", str(self.config(host)),
                 "--status", str(self.status_path(host))]
         if not gate:
             argv.append("--no-gate")
+        if fault_point:
+            argv += ["--fault-point", fault_point]
         return self.spawn(ns, f"agent-{host}", argv, cwd=str(ROOT))
+
+    def api_address(self, host: str) -> str:
+        """host:port of an agent's REST API: its own address on the bridge, so that the
+        partner can ask it for fail-safe (and the drill could scrape it)."""
+        ns = {"a": self.topo.origin, "b": self.topo.destination}[host]
+        return f"{self.topo.host(ns).ipv4}:8008"
 
     def status_path(self, host: str) -> Path:
         return self.workdir / host / "status.json"

@@ -37,6 +37,11 @@ Settings (section.key, unit, default)::
     bounds.max_bytes             bytes in either direction after which output is   2^30
                                  held until a checkpoint is durable
     app.socket                   Unix socket the application library connects to   /run/tcpcp/app.sock
+    api.listen                   REST API and /metrics: host:port or [v6]:port;    127.0.0.1:8008
+                                 empty: no API
+    api.partners                 the other agents' REST APIs (http://host:port): fail-safe  none
+                                 when etcd is unreachable (see docs/failover.md)
+    log.format                   text or json (one JSON object per line)           text
 
 Rules checked at load (timings in seconds; names as above, section omitted)::
 
@@ -70,7 +75,9 @@ Rules checked at load (timings in seconds; names as above, section omitted)::
     R10 cluster.name and cluster.host: 1-63 characters [A-Za-z0-9._-] (they are parts
         of etcd keys); network.interface: a Linux interface name (1-15 characters, no
         '/' or whitespace); network.vips: at least one, no duplicates; app.socket and
-        every path: absolute
+        every path: absolute; api.listen: empty, or host:port where host is an IPv4
+        address, a host name or a bracketed IPv6 address and port is 0-65535 (0: any
+        free port, logged at start); log.format: text or json
 """
 
 from __future__ import annotations
@@ -116,6 +123,29 @@ def _setting(section: str, key: str, kind: str, default: Any = dataclasses.MISSI
 
 
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,63}$")
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                       r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+LOG_FORMATS = ("text", "json")
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``"127.0.0.1:8008"`` -> ``("127.0.0.1", 8008)``; ``"[::1]:8008"`` -> ``("::1", 8008)``.
+
+    The host is an IPv4 address, a host name, or an IPv6 address in brackets (a bare one
+    is refused: ``::1:8008`` does not say where the address ends). Raises ValueError."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not host:port (port 0-65535)")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            return str(ipaddress.IPv6Address(host[1:-1])), int(port)
+        except ValueError:
+            raise ValueError(f"{text!r}: {host} is not an IPv6 address") from None
+    if ":" in host:
+        raise ValueError(f"{text!r}: write an IPv6 address in brackets, [{host}]:{port}")
+    if not _HOSTNAME.match(host) or (re.fullmatch(r"[0-9.]+", host) and not _is_ipv4(host)):
+        raise ValueError(f"{text!r}: {host!r} is not an IPv4 address or a host name")
+    return host, int(port)
 
 
 @dataclass(frozen=True)
@@ -146,6 +176,9 @@ class Config:
     checkpoint_bytes: int = _setting("bounds", "checkpoint_bytes", "bytes", 1 << 29)
     max_bytes: int = _setting("bounds", "max_bytes", "bytes", 1 << 30)
     app_socket: str = _setting("app", "socket", "path", "/run/tcpcp/app.sock")
+    api_listen: str = _setting("api", "listen", "listen", "127.0.0.1:8008")
+    api_partners: tuple[str, ...] = _setting("api", "partners", "urls", ())
+    log_format: str = _setting("log", "format", "logformat", "text")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -197,6 +230,14 @@ def _name(f: dataclasses.Field) -> str:
     return f"{f.metadata['section']}.{f.metadata['key']}"
 
 
+def _is_ipv4(text: str) -> bool:
+    try:
+        ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _check_kind(f: dataclasses.Field, value: Any) -> Any:
     """Type and range of one field; returns the normalised value."""
     name, kind = _name(f), f.metadata["kind"]
@@ -217,6 +258,17 @@ def _check_kind(f: dataclasses.Field, value: Any) -> Any:
         if kind == "str" and not value:
             raise ConfigError(name, "must not be empty (leave it out instead)")
         return value
+    if kind in ("listen", "logformat"):
+        if not isinstance(value, str):
+            raise ConfigError(name, f"must be a string, not {type(value).__name__}")
+        if kind == "logformat" and value not in LOG_FORMATS:
+            raise ConfigError(name, f"{value!r} must be one of {', '.join(LOG_FORMATS)}")
+        if kind == "listen" and value:   # empty: the API is disabled
+            try:
+                parse_listen(value)
+            except ValueError as exc:
+                raise ConfigError(name, str(exc)) from None
+        return value
     if kind == "seconds":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(name, f"must be a number of seconds, not {type(value).__name__}")
@@ -232,7 +284,7 @@ def _check_kind(f: dataclasses.Field, value: Any) -> Any:
     if kind in ("urls", "ips"):
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
             raise ConfigError(name, f"must be a list, not {type(value).__name__}")
-        if not value:
+        if not value and f.default != ():
             raise ConfigError(name, "must not be empty")
         items = []
         for item in value:

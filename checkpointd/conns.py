@@ -43,6 +43,14 @@ class Registration:
     write: int        # W_reg: its write offset at registration
     bytes_acked: int  # TCP_INFO tcpi_bytes_acked at registration
     rcv_wscale: int
+    bytes_received: int = 0  # TCP_INFO tcpi_bytes_received, read after the dump
+
+    def received_offset(self, bytes_received_now: int) -> int:
+        """The input offset up to which the kernel has received (and, without the ACK
+        gate, acknowledged) data. ``bytes_received`` was read after the registration
+        dump, so this never falls short of the truth; it may exceed it by what arrived
+        in between, which only makes a re-protected connection wait for a later commit."""
+        return self.read + len(self.ici.recv_queue) + (bytes_received_now - self.bytes_received)
 
     @property
     def una_offset(self) -> int:

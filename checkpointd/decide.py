@@ -21,12 +21,15 @@ Rules this module keeps:
    whatever it observes: its connections go silent before etcd can expire the lease, so
    no standby can resurrect a connection that this host still speaks for. ``wake_at`` is
    never later than that deadline, so the loop runs in time.
-5. etcd unreachable: indistinguishable from a partition, so the fencing rule stands and
-   the ACK gate keeps holding inbound data. The one exception is etcd answering without
-   quorum (``EtcdUnreachable.quorum_lost_at``): then nobody can take the leader key and
-   etcd lets no lease run down (a new etcd leader extends every lease by its TTL), so
-   the primary keeps serving; after ``unprotected_grace`` it releases the ACK gate and
-   reports its connections unprotected, and re-engages the gate when etcd answers again.
+5. etcd unreachable: by itself indistinguishable from a partition, so the fencing rule
+   stands and the ACK gate keeps holding inbound data. The exception is fail-safe
+   (Patroni's failsafe_mode): the primary asks its partner agents directly, and every
+   one answers that it cannot reach etcd either and promises not to take the leader key
+   for ``lease_ttl`` after answering (``FailsafeRequested`` on the standby, ``EtcdUnreachable.failsafe_at``
+   on the primary). Nobody can then take over before ``failsafe_at + lease_ttl``, so that
+   moment counts like a renewal and the primary keeps serving; after ``unprotected_grace``
+   it releases the ACK gate and reports its connections unprotected, and re-engages the
+   gate when etcd answers again.
 
 The bounds (Section 6.1 of the paper) are pure decisions too: ``may_resurrect`` and
 ``needs_checkpoint``/``output_budget`` at the end of this file.
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Union
@@ -77,11 +81,18 @@ class RenewFailed:
 
 @dataclass(frozen=True)
 class LeaderSeen:
-    """The leader key exists: held by ``holder`` for ``epoch`` (etcd ``revision``)."""
+    """The leader key exists: held by ``holder`` for ``epoch`` (etcd ``revision``).
+
+    ``lease_id``, ``ttl_left`` and ``ttl_granted``: the key's lease and what etcd says of
+    it (``store.lease_time_left``; None when not asked). A standby uses them to see a
+    lapsed lease before etcd sweeps it (``lease_lapsed``)."""
 
     holder: str
     epoch: int
     revision: int = 0
+    lease_id: int = 0
+    ttl_left: int | None = None
+    ttl_granted: int | None = None
 
 
 @dataclass(frozen=True)
@@ -107,14 +118,26 @@ class LeaderAcquired:
 class EtcdUnreachable:
     """etcd requests have failed since ``since``.
 
-    ``quorum_lost_at``: None when no member answered (a partition cannot be ruled out).
-    Otherwise the send time of a request that a majority of the cluster's members
-    answered, each saying it has no leader: while that holds nobody can take the leader
-    key and no lease runs down (the agent establishes it; this module trusts it).
+    ``failsafe_at``: None unless the agent established fail-safe: the send time of a
+    request that every partner agent answered saying it cannot reach etcd either and
+    will not take the leader key for ``lease_ttl`` after its answer (the agent
+    establishes it; this module trusts it). Nobody can take over before
+    ``failsafe_at + lease_ttl``.
     """
 
     since: float
-    quorum_lost_at: float | None = None
+    failsafe_at: float | None = None
+
+
+@dataclass(frozen=True)
+class FailsafeRequested:
+    """The primary ``holder`` (``epoch``) cannot reach etcd and asks this host to confirm
+    that it cannot either (Patroni's POST /failsafe). ``unprotected``: its connections
+    already run with the ACK gate released (their records are stale)."""
+
+    holder: str
+    epoch: int
+    unprotected: bool = False
 
 
 @dataclass(frozen=True)
@@ -135,9 +158,10 @@ class SwitchoverRequested:
 
 
 Observation = Union[Tick, LeaseRenewed, RenewFailed, LeaderSeen, LeaderVanished,
-                    LeaderAcquired, EtcdUnreachable, Paused, Resumed, SwitchoverRequested]
+                    LeaderAcquired, EtcdUnreachable, Paused, Resumed, SwitchoverRequested,
+                    FailsafeRequested]
 OBSERVATIONS = (Tick, LeaseRenewed, RenewFailed, LeaderSeen, LeaderVanished, LeaderAcquired,
-                EtcdUnreachable, Paused, Resumed, SwitchoverRequested)
+                EtcdUnreachable, Paused, Resumed, SwitchoverRequested, FailsafeRequested)
 
 
 # -- actions: what the loop must do, in order ------------------------------------------------
@@ -149,6 +173,27 @@ class AcquireLeader:
     ``epoch - 1``. Report ``LeaderAcquired`` or what was seen instead."""
 
     epoch: int
+
+
+@dataclass(frozen=True)
+class RevokeLapsedLease:
+    """The leader's lease ``lease_id`` is past its logical TTL by etcd's own clock:
+    revoke it (its leader key goes with it) and report what the leader key is then."""
+
+    lease_id: int
+    holder: str
+    epoch: int
+
+
+@dataclass(frozen=True)
+class AnswerFailsafe:
+    """Answer the primary's fail-safe request: ``ok`` promises not to take the leader key
+    before ``until`` (this host's monotonic clock). ``unprotected_epoch``: the epoch whose
+    records are stale (its primary released the ACK gate), if the request said so."""
+
+    ok: bool
+    until: float | None = None
+    unprotected_epoch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -244,7 +289,7 @@ class EngageGate:
     checkpoint whose commit offset covers everything acknowledged meanwhile is durable."""
 
 
-Action = Union[AcquireLeader, RenewLease, ReleaseLeader, FenceConnections, UnfenceConnections,
+Action = Union[AcquireLeader, RevokeLapsedLease, AnswerFailsafe, RenewLease, ReleaseLeader, FenceConnections, UnfenceConnections,
                DropConnections, Isolate, TakeVip, ReleaseVip, Resurrect, PassConnections,
                CheckpointAll, MarkUnprotected, ReleaseGate, EngageGate]
 
@@ -264,6 +309,8 @@ class HAState:
     switchover_to: str | None = None    # a requested switchover's target ...
     switchover_at: float | None = None  # ... and when it was requested
     unprotected_since: float | None = None  # primary: the ACK gate was released then
+    etcd_down_since: float | None = None    # standby: etcd has not answered since then
+    promised_until: float | None = None     # standby: no takeover before this (fail-safe)
 
     def replace(self, **changes) -> "HAState":
         return dataclasses.replace(self, **changes)
@@ -308,7 +355,7 @@ def _wake(state: HAState, now: float, config: Config) -> float:
             and now < state.last_renew + config.lease_ttl:
         return min(now + config.renew_interval, state.last_renew + config.lease_ttl)
     if state.role is Role.DEMOTED:
-        return min(now + config.renew_interval, state.since + config.lease_ttl)
+        return min(now + config.renew_interval, max(now, state.since + config.lease_ttl))
     return now + config.renew_interval
 
 
@@ -377,7 +424,23 @@ def _follow(state: HAState, obs: LeaderSeen, now: float, config: Config) -> Deci
     keep_switchover = state.switchover_to if obs.epoch == state.epoch else None
     changes = dict(role=Role.STANDBY, holder=obs.holder, epoch=obs.epoch,
                    switchover_to=keep_switchover,
-                   switchover_at=state.switchover_at if keep_switchover else None)
+                   switchover_at=state.switchover_at if keep_switchover else None,
+                   etcd_down_since=None)
+    if lease_lapsed(obs.ttl_left, obs.ttl_granted, config) and obs.lease_id:
+        if _promised(state, now):
+            return _decide(state, now, config, (
+                f"the lease of {obs.holder} (epoch {obs.epoch}) has lapsed, but this host "
+                f"promised (fail-safe) not to take over for {_s(state.promised_until - now)} more"),
+                **changes)
+        if state.paused:
+            return _decide(state, now, config, (
+                f"the lease of {obs.holder} (epoch {obs.epoch}) has lapsed, but fail-over is "
+                "paused: standing by, not revoking it"), **changes)
+        return _decide(state, now, config, (
+            f"the lease of {obs.holder} (epoch {obs.epoch}) was last renewed more than "
+            f"{config.lease_ttl:g} s ago by etcd's clock ({obs.ttl_left} s left of "
+            f"{obs.ttl_granted}): revoking it rather than waiting for etcd's expiry sweep"),
+            RevokeLapsedLease(obs.lease_id, obs.holder, obs.epoch), **changes)
     if obs.holder == config.host_name:
         return _decide(state, now, config, (
             f"the leader key still names this host (epoch {obs.epoch}), left from before a "
@@ -400,21 +463,49 @@ def _leader_free(state: HAState, obs: LeaderVanished, now: float, config: Config
             f"the leader key is free but reserved for the switchover to {state.switchover_to} "
             f"for {_s(state.switchover_at + config.lease_ttl - now)} more: standing by"),
             role=Role.STANDBY, epoch=known, holder=None)
+    if _promised(state, now):
+        return _decide(state, now, config, (
+            f"no leader, but this host promised (fail-safe) not to take the leader key for "
+            f"{_s(state.promised_until - now)} more: standing by"),
+            role=Role.STANDBY, epoch=known, holder=None, etcd_down_since=None)
     if state.paused and not to_me:
         return _decide(state, now, config,
                        "no leader, but fail-over is paused: standing by, not promoting",
-                       role=Role.STANDBY, epoch=known, holder=None)
+                       role=Role.STANDBY, epoch=known, holder=None, etcd_down_since=None)
     epoch = (known or 0) + 1
     why = "switchover to this host" if to_me else "no leader"
     return _decide(state, now, config,
                    f"{why}: trying to acquire the leader key (epoch {epoch})",
-                   AcquireLeader(epoch), role=Role.PROMOTING, epoch=known, holder=None)
+                   AcquireLeader(epoch), role=Role.PROMOTING, epoch=known, holder=None,
+                   etcd_down_since=None)
 
 
 def _waiting_unreachable(state: HAState, obs: EtcdUnreachable, now: float, config: Config) -> Decision:
-    what = "etcd has no quorum" if obs.quorum_lost_at is not None else "etcd unreachable"
     return _decide(state, now, config,
-                   f"{what} for {_s(now - obs.since)}: {state.role.value}, not promoting")
+                   f"etcd unreachable for {_s(now - obs.since)}: {state.role.value}, not promoting",
+                   etcd_down_since=obs.since)
+
+
+def _promised(state: HAState, now: float) -> bool:
+    return state.promised_until is not None and now < state.promised_until
+
+
+def _failsafe_answer(state: HAState, obs: FailsafeRequested, now: float, config: Config) -> Decision:
+    """A standby confirms only while it cannot reach etcd itself: if it can, the primary
+    is the one cut off and must fence. Its promise runs ``lease_ttl`` from now; the
+    primary counts from when it *sent* the request, which is earlier."""
+    stale = obs.epoch if obs.unprotected else None
+    if state.role in (Role.STANDBY, Role.STARTING) and state.etcd_down_since is not None:
+        until = now + config.lease_ttl
+        return _decide(state, now, config, (
+            f"fail-safe: {obs.holder} (epoch {obs.epoch}) cannot reach etcd and neither can "
+            f"this host: promised not to take the leader key for {config.lease_ttl:g} s"
+            + ("; its connections run unprotected, their records are stale" if stale else "")),
+            AnswerFailsafe(True, until, stale), promised_until=max(until, state.promised_until or 0.0))
+    why = ("this host reaches etcd" if state.role in (Role.STANDBY, Role.STARTING)
+           else f"this host is {state.role.value}")
+    return _decide(state, now, config, (
+        f"fail-safe refused to {obs.holder} (epoch {obs.epoch}): {why}"), AnswerFailsafe(False))
 
 
 # -- PROMOTING -------------------------------------------------------------------------------
@@ -527,33 +618,39 @@ def _primary_vanished(state: HAState, obs: LeaderVanished, now: float, config: C
 
 def _primary_unreachable(state: HAState, obs: EtcdUnreachable, now: float, config: Config) -> Decision:
     down = _s(now - obs.since)
-    if obs.quorum_lost_at is None:
+    if obs.failsafe_at is None:
         return _overdue(state, now, config, state.last_renew) or _decide(state, now, config, (
             f"etcd unreachable for {down}: the ACK gate holds inbound data; fencing in "
             f"{_s(config.fence_deadline(state.last_renew) - now)} unless the lease is renewed"),
             RenewLease())
-    last = max(state.last_renew, obs.quorum_lost_at)
+    last = max(state.last_renew, obs.failsafe_at)
     overdue = _overdue(state, now, config, last)
     if overdue:
         return overdue
     if state.unprotected_since is not None:
         return _decide(state, now, config, (
-            f"etcd has no quorum for {down}: connections run unprotected, the ACK gate released"),
+            f"fail-safe: etcd unreachable from every host for {down}: connections run "
+            "unprotected, the ACK gate released"),
             RenewLease(), last_renew=last)
     if now - obs.since >= config.unprotected_grace:
         return _decide(state, now, config, (
-            f"etcd has no quorum for {down} (grace {config.unprotected_grace:g} s): released the "
-            "ACK gate; connections keep working unprotected until etcd answers again"),
+            f"fail-safe: etcd unreachable from every host for {down} (grace "
+            f"{config.unprotected_grace:g} s): released the ACK gate; connections keep working "
+            "unprotected until etcd answers again"),
             MarkUnprotected(now), ReleaseGate(), RenewLease(),
             last_renew=last, unprotected_since=now)
     return _decide(state, now, config, (
-        f"etcd has no quorum for {down}: nobody can take the leader key; the ACK gate holds "
-        f"inbound data, released after {config.unprotected_grace:g} s"),
+        f"fail-safe: etcd unreachable from every host for {down}, the standby promised not to "
+        f"take over; the ACK gate holds inbound data, released after {config.unprotected_grace:g} s"),
         RenewLease(), last_renew=last)
 
 
 def _primary_flags(state: HAState, obs, now: float, config: Config) -> Decision:
     return _overdue(state, now, config, state.last_renew) or _flags(state, obs, now, config)
+
+
+def _primary_failsafe(state: HAState, obs: FailsafeRequested, now: float, config: Config) -> Decision:
+    return _overdue(state, now, config, state.last_renew) or _failsafe_answer(state, obs, now, config)
 
 
 def _switchover(state: HAState, obs: SwitchoverRequested, now: float, config: Config) -> Decision:
@@ -667,6 +764,7 @@ TRANSITIONS: dict[Role, dict[type, Rule]] = {
         Paused: _rule(_flags, S),
         Resumed: _rule(_flags, S),
         SwitchoverRequested: _rule(_flags, S),
+        FailsafeRequested: _rule(_failsafe_answer, S),
     },
     Role.STANDBY: {
         Tick: _rule(_waiting_tick, SB),
@@ -676,6 +774,7 @@ TRANSITIONS: dict[Role, dict[type, Rule]] = {
         Paused: _rule(_flags, SB),
         Resumed: _rule(_flags, SB),
         SwitchoverRequested: _rule(_flags, SB),
+        FailsafeRequested: _rule(_failsafe_answer, SB),
     },
     Role.PROMOTING: {
         Tick: _rule(_promoting_tick, PM),
@@ -686,6 +785,7 @@ TRANSITIONS: dict[Role, dict[type, Rule]] = {
         Paused: _rule(_flags, PM),
         Resumed: _rule(_flags, PM),
         SwitchoverRequested: _rule(_flags, PM),
+        FailsafeRequested: _rule(_failsafe_answer, PM),
     },
     Role.PRIMARY: {
         Tick: _rule(_primary_tick, P, F),
@@ -697,6 +797,7 @@ TRANSITIONS: dict[Role, dict[type, Rule]] = {
         Paused: _rule(_primary_flags, P, F),
         Resumed: _rule(_primary_flags, P, F),
         SwitchoverRequested: _rule(_switchover, P, F, D),
+        FailsafeRequested: _rule(_primary_failsafe, P, F),
     },
     Role.FENCED: {
         Tick: _rule(_fenced_tick, F),
@@ -708,6 +809,7 @@ TRANSITIONS: dict[Role, dict[type, Rule]] = {
         Paused: _rule(_flags, F),
         Resumed: _rule(_flags, F),
         SwitchoverRequested: _rule(_flags, F),
+        FailsafeRequested: _rule(_failsafe_answer, F),
     },
     Role.DEMOTED: {
         Tick: _rule(_demoted_wait, D, SB),
@@ -717,6 +819,7 @@ TRANSITIONS: dict[Role, dict[type, Rule]] = {
         Paused: _rule(_flags, D),
         Resumed: _rule(_flags, D),
         SwitchoverRequested: _rule(_flags, D),
+        FailsafeRequested: _rule(_failsafe_answer, D),
     },
 }
 
@@ -772,6 +875,34 @@ def transition_table() -> str:
             cells.append(" or ".join(parts))
         lines.append(f"| {obs.__name__} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# -- the leader lease's logical TTL ----------------------------------------------------------
+
+def granted_ttl(config: Config) -> int:
+    """The TTL to ask etcd for: one whole second more than ``lease_ttl``.
+
+    etcd 3.4 sweeps expired leases every 500 ms, so a lease of ``lease_ttl`` would vanish
+    up to half a second late. Granting one second more keeps etcd's own expiry as a late
+    backstop, while the standby ends the lease at ``lease_ttl`` from the moment etcd's
+    clock shows it (``lease_lapsed``). The primary fences by ``lease_ttl`` regardless.
+    """
+    return math.ceil(config.lease_ttl) + 1
+
+
+def lease_lapsed(ttl_left: int | None, ttl_granted: int | None, config: Config) -> bool:
+    """Whether a lease is surely more than ``lease_ttl`` past its last renewal, by etcd.
+
+    etcd reports whole seconds truncated toward zero: ``ttl_left`` = n means the true
+    remainder r is in (n - 1, n + 1) (negative r near expiry still reads 0). Time since
+    the renewal that etcd processed is ``granted - r > granted - n - 1``; that renewal
+    was sent earlier still, so the primary, which fences at ``lease_ttl - fence_margin``
+    after *sending* it, is silent once ``granted - n - 1 >= lease_ttl``. A lease etcd no
+    longer knows (``ttl_left`` None) is not ours to revoke: the key vanishes by itself.
+    """
+    if ttl_left is None or not ttl_granted:
+        return False
+    return ttl_granted - ttl_left - 1 >= config.lease_ttl
 
 
 # -- the bounds (the paper's Section 6.1) ---------------------------------------------------

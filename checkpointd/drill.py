@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -79,15 +80,18 @@ def _event_time(status: dict | None, needle: str, after: float) -> float | None:
     return None
 
 
-FAULTS = ("crash", "etcd-partition")
+FAULTS = ("crash", "mid-commit", "etcd-partition")
 
 
 def run(connections: int = 20, *, seed: int = 1, lease_ttl: float = 1.0, http_rate: int = 2_000_000,
         duration: float = 4.0, kill_window: tuple[float, float] = (0.8, 2.0), plot: str | None = None,
-        progress=lambda msg: None, fault: str = "crash") -> dict:
-    """One drill. ``fault``: "crash" (A's link down, then its processes killed) or
+        progress=lambda msg: None, fault: str = "crash", pcap: str | None = None) -> dict:
+    """One drill. ``fault``: "crash" (A's link down, then its processes killed),
+    "mid-commit" (the same crash, at the moment A's checkpoints are durable in etcd but
+    their ACK gates not yet raised: the peers' snd_una is one commit behind the records) or
     "etcd-partition" (A alive and connected to the peers but cut off from etcd: it must
-    fence itself before its lease can lapse, and B takes over)."""
+    fence itself before its lease can lapse, and B takes over). ``pcap``: capture the
+    peer's side of every connection (tcpdump, headers only) into this file."""
     if fault not in FAULTS:
         raise ValueError(f"fault must be one of {FAULTS}")
     rng = random.Random(seed)
@@ -99,7 +103,10 @@ def run(connections: int = 20, *, seed: int = 1, lease_ttl: float = 1.0, http_ra
         sampler = None
         try:
             progress(f"topology {topo.tag}: starting etcd")
-            agent_a = cluster.start_pair()
+            if pcap:
+                cluster.spawn(topo.peer, "tcpdump", ["tcpdump", "-i", "eth0", "-s", "96", "-U", "-w",
+                                                     str(Path(pcap).resolve()), "tcp or icmp or arp"])
+            agent_a = cluster.start_pair(fault_point="after-write" if fault == "mid-commit" else None)
             progress("agents up: a primary, b standby; starting the applications")
             apps_a = _start_apps(cluster, topo.origin, "a", topo.vip4)
             _start_apps(cluster, topo.destination, "b", topo.vip4)
@@ -124,7 +131,11 @@ def run(connections: int = 20, *, seed: int = 1, lease_ttl: float = 1.0, http_ra
             delay = rng.uniform(*kill_window)
             progress(f"{connections} connections flowing; crashing host a in {delay:.2f} s")
             time.sleep(delay)
-            if fault == "crash":
+            if fault == "mid-commit":
+                agent_a.kill(signal.SIGUSR1)   # arm: the committer stops after its next write
+                wait_for(lambda: _event_time(cluster.status("a"), "fault point after-write", 0), 10,
+                         "a stopped between an etcd write and the ACK gate's raise", 0.002)
+            if fault in ("crash", "mid-commit"):
                 # Silence the host first (a live kernel would send FIN/RST), then kill.
                 subprocess.run(["ip", "-n", topo.origin, "link", "set", "eth0", "down"], check=True)
                 killed = time.monotonic()

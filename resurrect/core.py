@@ -57,11 +57,17 @@ def prepare(agent, epoch: int) -> Prepared:
     for key, err in opened.refused.items():
         out.refused[err.reason] += 1
         out.reasons[key] = str(err)
+    stale_before = agent.stale_epochs.get(epoch)
     for key, rec in opened.records.items():
         ok, why = may_resurrect(RecordMeta(epoch=rec.epoch, wall_ns=rec.wall_ns), now_ns,
                                 agent.config, epoch=epoch)
+        if ok and stale_before is not None and rec.wall_ns <= stale_before:
+            ok, why = False, (f"refused: epoch {epoch}'s primary released the ACK gate (etcd was "
+                              "unreachable from every host) after this checkpoint: its peer may "
+                              "have been acknowledged beyond it")
         if not ok:
-            out.refused["epoch" if "epoch" in why else "bound"] += 1
+            out.refused["unprotected" if "ACK gate" in why else
+                        "epoch" if "belongs to epoch" in why else "bound"] += 1
             out.reasons[key] = why
             continue
         try:
@@ -79,6 +85,25 @@ def prepare(agent, epoch: int) -> Prepared:
                f"{(agent.clock() - t0) * 1000:.1f} ms")
     for key, why in out.reasons.items():
         agent.note(f"{key}: not resurrected: {why}")
+    return out
+
+
+def nudge_targets(made) -> list[ICI]:
+    """What to quote in the RFC 6069 nudges: the peer's snd_una, which must match exactly.
+
+    It is the record's input offset I if the ACK gate's raise for it reached the peer,
+    else the commit before (``peer_acked_from``): the origin can die between a record
+    becoming durable and the gate's pure ACK. Both are sent; the peer ignores the one
+    that is not its snd_una. (The window probe that activation sends carries seq
+    snd_una - 1, which the peer drops as out of window without reading its ACK, so the
+    peer's snd_una has not moved when the nudges arrive.)
+    """
+    out = []
+    for rec, target, r, _ in made:
+        out.append(target)
+        behind = rec.input_offset - rec.peer_acked_from
+        if 0 < behind < 1 << 31 and not target.recv_queue:
+            out.append(target.replace(rcv_nxt=(target.rcv_nxt - behind) % (1 << 32)))
     return out
 
 
@@ -128,14 +153,14 @@ def resurrect(agent, prepared: Prepared) -> int:
     # the peers have been retransmitting into the void since the crash: undo as many
     # backoff steps as they can have taken since the newest checkpoint
     oldest = min((rec.wall_ns for rec, _, _, _ in made), default=now_ns)
-    nudge.nudge([target for _, target, _, _ in made],
-                count=nudge.backoffs((agent.wall() - oldest) / 1e9))
+    nudge.nudge(nudge_targets(made), count=nudge.backoffs((agent.wall() - oldest) / 1e9))
     for rec, target, r, restored in made:
         sock = restored.sock
         reg = Registration(target.replace(recv_queue=b"", rcv_nxt=target.copied_seq)
                            if target.recv_queue else target,
                            read=r.input_offset, write=r.stream_offset,
-                           bytes_acked=tcp_bytes(sock)[0], rcv_wscale=target.rcv_wscale)
+                           bytes_acked=tcp_bytes(sock)[0], rcv_wscale=target.rcv_wscale,
+                           bytes_received=tcp_bytes(sock)[1])
         guard = agent._guard(tuple_of(target), target.rcv_nxt, target.rcv_wscale)
         conn = Conn(rec.conn_key, sock, None, reg, guard, state=rec.app_state)
         conn.durable_input = r.input_offset

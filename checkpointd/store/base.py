@@ -12,6 +12,10 @@ first compares the leader key with the caller's :class:`Lease`, so a primary tha
 paused, partitioned or replaced cannot write, whatever it believes. Each acquisition
 increments the epoch in the same transaction: records carry the epoch that wrote them.
 
+Operator control keys (``put_control`` ...) and the leadership history (``append_history``)
+are deliberately not fenced: the operator who asks for a pause or a switchover holds no
+lease, and a leader's history entry is create-only instead.
+
 Timing (checked, not hoped for: :func:`check_timing`): a leader renews every ``loop_wait``
 seconds, each call may take ``timeout``; ``loop_wait + 2 * timeout <= ttl`` keeps a
 healthy leader from losing its lease to a single slow call.
@@ -90,6 +94,89 @@ def check_leader_name(name: str) -> str:
     return name
 
 
+# -- operator control and history values ---------------------------------------------------
+# One place for their shape, so that the operator command that writes them and the agents
+# that read them cannot disagree (docs/operations-cli.md, "Control keys"). Values are compact
+# JSON objects; readers tolerate fields they do not know (a newer writer may add some) and
+# refuse missing or mistyped ones. Times are wall-clock nanoseconds (CLOCK_REALTIME): they
+# are compared across hosts only against bounds that allow for clock skew.
+
+#: Largest value of a control or history key. They are small JSON objects; the bound keeps a
+#: mistaken write from filling etcd, and every agent's reads, with megabytes.
+MAX_CONTROL_BYTES = 4096
+
+_CONTROL_FIELDS = {
+    # a planned switchover of the leader ``from`` (holding ``epoch``) to the host ``to``
+    "switchover": {"to": str, "from": str, "epoch": int, "requested_at": int},
+    # a forced fail-over: the lease of ``from``/``epoch`` is being revoked; ``to`` or None
+    "failover": {"to": (str, type(None)), "from": str, "epoch": int, "requested_at": int},
+    # no automatic fail-over since ``paused_at``, asked by ``by`` (user@host)
+    "pause": {"paused_at": int, "by": str},
+}
+_HISTORY_FIELDS = {"epoch": int, "holder": str, "acquired_at": int, "reason": str}
+
+
+def _compact(obj: dict) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _checked(what: str, data: dict, fields: Mapping[str, type | tuple]) -> dict:
+    for name, kind in fields.items():
+        if name not in data:
+            raise ValueError(f"{what}: field {name!r} missing")
+        value = data[name]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ValueError(f"{what}: field {name!r} is {type(value).__name__}")
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f"{what}: field {name!r} is negative")
+    return data
+
+
+def control_value(name: str, **fields) -> bytes:
+    """The value of control key ``name`` (``to``/``from``/... as keyword arguments; ``from``
+    is a keyword, so pass ``from_``). Raises ValueError for a missing or mistyped field."""
+    if name not in _CONTROL_FIELDS:
+        raise InvalidKey(f"control key {name!r}: want one of {', '.join(_CONTROL_FIELDS)}")
+    data = {key.rstrip("_"): value for key, value in fields.items()}
+    return check_control_value(_compact(_checked(f"control {name}", data, _CONTROL_FIELDS[name])))
+
+
+def parse_control_value(name: str, value: bytes) -> dict:
+    """Decode and check a control key's value; ValueError names what is wrong with it."""
+    if name not in _CONTROL_FIELDS:
+        raise InvalidKey(f"control key {name!r}: want one of {', '.join(_CONTROL_FIELDS)}")
+    return _checked(f"control {name}", _json_object(f"control {name}", value), _CONTROL_FIELDS[name])
+
+
+def history_value(*, epoch: int, holder: str, acquired_at: int, reason: str) -> bytes:
+    """The value of the history entry written when ``holder`` acquired ``epoch``."""
+    data = {"epoch": epoch, "holder": holder, "acquired_at": acquired_at, "reason": reason}
+    return check_control_value(_compact(_checked("history", data, _HISTORY_FIELDS)))
+
+
+def parse_history_value(value: bytes) -> dict:
+    return _checked("history", _json_object("history", value), _HISTORY_FIELDS)
+
+
+def _json_object(what: str, value: bytes) -> dict:
+    try:
+        data = json.loads(bytes(value))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{what}: not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what}: not a JSON object")
+    return data
+
+
+def check_control_value(value: bytes) -> bytes:
+    """Control and history values are bytes of at most MAX_CONTROL_BYTES (ValueError)."""
+    if not isinstance(value, (bytes, bytearray)):
+        raise ValueError(f"a control value is bytes, not {type(value).__name__}")
+    if len(value) > MAX_CONTROL_BYTES:
+        raise ValueError(f"a control value of {len(value)} bytes exceeds {MAX_CONTROL_BYTES}")
+    return bytes(value)
+
+
 def check_batch(layout: Layout, items: Mapping[str, bytes]) -> dict[str, bytes]:
     """Map conn keys to key names and enforce the transaction bounds before sending.
 
@@ -155,6 +242,21 @@ class CheckpointStore(abc.ABC):
         not changed: the next acquisition increments it."""
 
     @abc.abstractmethod
+    def lease_time_left(self, lease_id: int) -> tuple[int, int] | None:
+        """(seconds left, granted TTL) of a lease by the store's own clock, or None if it
+        no longer exists. Seconds are whole and truncated toward zero, as etcd reports
+        them: a lease with 0.9 s left, or one 0.9 s past its expiry that the store has not
+        swept yet, both read 0. Read from the store's leader (etcd forwards it there),
+        whose clock alone decides expiry."""
+
+    @abc.abstractmethod
+    def revoke_lapsed(self, lease_id: int) -> bool:
+        """Revoke a lease that the caller has established is past its logical TTL (see
+        ``decide.lease_lapsed``): the keys attached to it, the leader key among them,
+        are deleted at once instead of at the store's next expiry sweep. Returns whether
+        the lease still existed. Idempotent."""
+
+    @abc.abstractmethod
     def leader(self) -> LeaderState:
         """The leader key and the epoch counter, read together at one revision."""
 
@@ -197,6 +299,61 @@ class CheckpointStore(abc.ABC):
         Consistent: all records are as of ``Snapshot.revision`` (the latest, or
         ``revision`` if given), even if the backend reads them in several pages while
         writers continue. Not fenced: a standby reads while the leader writes.
+        """
+
+    # -- operator control keys and the leadership history ---------------------------------
+    # Not fenced: the operator who writes a control key holds no lease, and a history entry
+    # is written by a leader about its own acquisition, which nobody else can write for it
+    # (the key is create-only). Names: layout.CONTROLS; values: control_value/history_value.
+    @abc.abstractmethod
+    def put_control(self, name: str, value: bytes) -> int:
+        """Write control key ``name`` (replacing any value it had); return the revision.
+
+        One unconditional put, not fenced: the operator is not the leader. A request that
+        replaces a pending one of the same name wins (the agents read the newest). On
+        StoreUnavailable the write may or may not have landed: read it back
+        (:meth:`get_control`) before writing it again. InvalidKey for an unknown name,
+        ValueError for a value over MAX_CONTROL_BYTES, both before anything is sent.
+        """
+
+    @abc.abstractmethod
+    def get_control(self, name: str) -> bytes | None:
+        """The value of control key ``name``, or None when it is absent. One read."""
+
+    @abc.abstractmethod
+    def delete_control(self, name: str) -> bool:
+        """Delete control key ``name``; return whether it existed. One delete, not fenced
+        (``resurrect resume`` deletes the pause key; the new primary consumes a switchover
+        key). Idempotent."""
+
+    @abc.abstractmethod
+    def append_history(self, epoch: int, value: bytes) -> bool:
+        """Record who acquired ``epoch`` and why; return whether this call wrote it.
+
+        Create-only: one transaction that writes the entry only if its key is absent, so an
+        epoch's entry is written once and never rewritten (a retry after StoreUnavailable
+        returns False if the first attempt landed). Not fenced: only the holder of
+        ``epoch`` knows it acquired it, and the key is never attached to a lease, so the
+        history outlives every leader.
+        """
+
+    @abc.abstractmethod
+    def history(self) -> list[tuple[int, bytes]]:
+        """Every history entry as (epoch, value), oldest epoch first, read at one revision
+        (pages at the first page's revision, like ``get_all``)."""
+
+    @abc.abstractmethod
+    def revoke_leader(self, *, lease_id: int | None = None) -> bool:
+        """Forced fail-over: revoke the lease the leader key is attached to, so the key
+        vanishes at once. Returns whether a lease was revoked.
+
+        Reads the leader key, then revokes the lease it names: a lease that another host
+        acquired between the two is never touched (revoking the read lease, gone or not,
+        cannot remove a newer key). With ``lease_id``, revokes only if the leader key is
+        still attached to that lease (the one the operator confirmed); False otherwise and
+        when nobody holds the key. The epoch counter is not changed. The old primary
+        learns at its next renewal ("lease not found") and must fence at once; standbys
+        must not resurrect before it can have done so (docs/operations-cli.md, "failover").
         """
 
     def close(self) -> None:

@@ -2,14 +2,28 @@
 
 ::
 
-    /tcpcp/<cluster>/leader            JSON {"name", "epoch"}, attached to the leader's lease
-    /tcpcp/<cluster>/epoch             decimal epoch counter; +1 on every acquisition
-    /tcpcp/<cluster>/conn/<conn key>   one sealed checkpoint record per connection
+    /tcpcp/<cluster>/leader              JSON {"name", "epoch"}, attached to the leader's lease
+    /tcpcp/<cluster>/epoch               decimal epoch counter; +1 on every acquisition
+    /tcpcp/<cluster>/conn/<conn key>     one sealed checkpoint record per connection
+    /tcpcp/<cluster>/control/switchover  JSON {"to", "from", "epoch", "requested_at"}: planned
+                                         switchover; consumed by the next acquisition
+    /tcpcp/<cluster>/control/failover    JSON {"to", "from", "epoch", "requested_at"}: written
+                                         just before an operator revokes the leader's lease
+    /tcpcp/<cluster>/control/pause       JSON {"paused_at", "by"}: no automatic fail-over
+    /tcpcp/<cluster>/history/<epoch>     JSON {"epoch", "holder", "acquired_at", "reason"};
+                                         epoch zero-padded to 20 digits; written once
 
 A record is sealed with its full key name in the associated data, so the name is part of
 the record's identity: a record copied to another connection or another cluster fails
 authentication. Connection keys never contain ``/``, so a prefix of the ``conn/`` range
-selects connection keys and nothing else.
+selects connection keys and nothing else; control and history keys live in ranges of their
+own for the same reason (``get_all`` never sees them).
+
+Control keys are the operator's requests (``resurrect pause``, ``switchover``, ``failover``),
+as ``patronictl`` writes Patroni's ``/failover`` and ``/pause`` keys: the agents read them,
+nobody is fenced for writing them. Their names are a closed set (:data:`CONTROLS`), so a typo
+is refused instead of writing a key no agent reads. History keys are zero-padded so that
+etcd's byte order of the keys is the numeric order of the epochs (2^64 has 20 digits).
 """
 
 from __future__ import annotations
@@ -20,6 +34,13 @@ from dataclasses import dataclass
 from .errors import InvalidKey
 
 ROOT = "/tcpcp"
+#: Operator control keys the agents read (docs/operations-cli.md says what each one asks).
+CONTROL_SWITCHOVER = "switchover"
+CONTROL_FAILOVER = "failover"
+CONTROL_PAUSE = "pause"
+CONTROLS = (CONTROL_SWITCHOVER, CONTROL_FAILOVER, CONTROL_PAUSE)
+#: Digits of a history key's epoch: 2^64 - 1 has 20, so every u64 epoch sorts numerically.
+HISTORY_DIGITS = 20
 _CLUSTER = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _CONN_KEY = re.compile(r"[A-Za-z0-9._:\[\]-]{1,200}")
 _CONN_PREFIX = re.compile(r"[A-Za-z0-9._:\[\]-]{0,200}")
@@ -73,3 +94,31 @@ class Layout:
         if not key_name.startswith(self.conn_prefix):
             raise InvalidKey(f"{key_name!r} is not under {self.conn_prefix}")
         return check_conn_key(key_name[len(self.conn_prefix):])
+
+    # -- operator control keys and the leadership history ----------------------------------
+    @property
+    def control_prefix(self) -> str:
+        return self.base + "control/"
+
+    def control(self, name: str) -> str:
+        """The key name of one operator control key; InvalidKey for a name not in CONTROLS."""
+        if name not in CONTROLS:
+            raise InvalidKey(f"control key {name!r}: want one of {', '.join(CONTROLS)}")
+        return self.control_prefix + name
+
+    @property
+    def history_prefix(self) -> str:
+        return self.base + "history/"
+
+    def history(self, epoch: int) -> str:
+        """The key name of the history entry of ``epoch`` (1 .. 2^64 - 1)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 < epoch < 1 << 64:
+            raise InvalidKey(f"history epoch {epoch!r}: want 1 .. 2^64 - 1")
+        return f"{self.history_prefix}{epoch:0{HISTORY_DIGITS}d}"
+
+    def history_epoch_of(self, key_name: str) -> int:
+        """Inverse of :meth:`history`; InvalidKey for a name that is not a history key."""
+        digits = key_name[len(self.history_prefix):] if key_name.startswith(self.history_prefix) else ""
+        if len(digits) != HISTORY_DIGITS or not digits.isdigit() or not digits.isascii():
+            raise InvalidKey(f"{key_name!r} is not a history key under {self.history_prefix}")
+        return int(digits)

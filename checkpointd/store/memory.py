@@ -167,6 +167,21 @@ class MemoryStore(CheckpointStore):
             c = self._begin()
             c.revoke(lease.id)   # deletes the leader key if it is still attached to it
 
+    def lease_time_left(self, lease_id: int) -> tuple[int, int] | None:
+        with self.backend.lock:
+            c = self._begin()
+            if lease_id not in c._leases:
+                return None
+            ttl, expiry = c._leases[lease_id]
+            return int(expiry - c.clock()), ttl
+
+    def revoke_lapsed(self, lease_id: int) -> bool:
+        with self.backend.lock:
+            c = self._begin()
+            existed = lease_id in c._leases
+            c.revoke(lease_id)
+            return existed
+
     def leader(self) -> LeaderState:
         with self.backend.lock:
             c = self._begin()
@@ -217,3 +232,52 @@ class MemoryStore(CheckpointStore):
                 if kv is not None:
                     items[self.layout.conn_key_of(key)] = kv.value
             return Snapshot(rev, items)
+
+    # -- operator control keys and the leadership history ----------------------------------
+    def put_control(self, name: str, value: bytes) -> int:
+        key, value = self.layout.control(name), base.check_control_value(value)
+        with self.backend.lock:
+            return self._begin().write({key: value})
+
+    def get_control(self, name: str) -> bytes | None:
+        key = self.layout.control(name)
+        with self.backend.lock:
+            kv = self._begin().get(key)
+            return None if kv is None else kv.value
+
+    def delete_control(self, name: str) -> bool:
+        key = self.layout.control(name)
+        with self.backend.lock:
+            c = self._begin()
+            if c.get(key) is None:
+                return False
+            c.write({}, [key])
+            return True
+
+    def append_history(self, epoch: int, value: bytes) -> bool:
+        key, value = self.layout.history(epoch), base.check_control_value(value)
+        with self.backend.lock:
+            c = self._begin()
+            if c.get(key) is not None:
+                return False
+            c.write({key: value})
+            return True
+
+    def history(self) -> list[tuple[int, bytes]]:
+        with self.backend.lock:
+            c = self._begin()
+            out = []
+            for key in c.keys(self.layout.history_prefix):   # sorted: zero-padded epochs
+                kv = c.get(key)
+                if kv is not None:
+                    out.append((self.layout.history_epoch_of(key), kv.value))
+            return out
+
+    def revoke_leader(self, *, lease_id: int | None = None) -> bool:
+        with self.backend.lock:
+            c = self._begin()
+            kv = c.get(self.layout.leader)
+            if kv is None or (lease_id is not None and kv.lease != lease_id):
+                return False
+            c.revoke(kv.lease)            # deletes the leader key with it
+            return True

@@ -56,6 +56,8 @@ RECORD_VERSION = 1
 # magic, version, header length, epoch, seq, input_offset, output_offset, write_offset,
 # ts_val, wall_ns, conn_key length, ici length, app_state length, unacked length
 _RECORD_V1 = struct.Struct(">4sHHQQQQQIQHIII")
+# header extension 1, present when the header is long enough: acked_input
+_EXT1 = struct.Struct(">Q")
 
 # --- the sealed blob ------------------------------------------------------------------------
 SEAL_MAGIC = b"TCPS"
@@ -76,7 +78,9 @@ class CheckpointRecord:
     acknowledged). ``unacked`` holds logged output for applications that cannot regenerate
     it (empty otherwise). ``ts_val`` and ``wall_ns`` are the TCP timestamp clock and
     CLOCK_REALTIME at the checkpoint. ``epoch`` is the leader epoch that wrote it, ``seq``
-    increases with every checkpoint of this connection.
+    increases with every checkpoint of this connection. ``acked_input`` (header extension
+    1, optional) is the input offset the ACK gate had acknowledged to the peer when the
+    record was sealed (<= ``input_offset``).
     """
 
     conn_key: str
@@ -90,6 +94,15 @@ class CheckpointRecord:
     epoch: int
     seq: int
     unacked: bytes = b""
+    acked_input: int | None = None
+
+    @property
+    def peer_acked_from(self) -> int:
+        """The lowest input offset the peer can still be waiting to hear acknowledged:
+        the ACK gate's commit when this record was sealed (``acked_input``). The gate is
+        raised only after the record is durable, so a host that dies in between leaves
+        the peer's snd_una there, below ``input_offset``; a resurrection nudges both."""
+        return self.input_offset if self.acked_input is None else self.acked_input
 
     def replace(self, **changes) -> "CheckpointRecord":
         return dataclasses.replace(self, **changes)
@@ -104,6 +117,10 @@ class CheckpointRecord:
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 <= value <= _U64:
                 raise RecordError("format", f"{name} {value!r} is not a 64-bit unsigned value")
+        if self.acked_input is not None and (not isinstance(self.acked_input, int)
+                                             or not 0 <= self.acked_input <= self.input_offset):
+            raise RecordError("format", f"acked_input {self.acked_input!r} is not within "
+                                        f"[0, input_offset {self.input_offset}]")
         if not isinstance(self.ts_val, int) or not 0 <= self.ts_val <= _U32:
             raise RecordError("format", f"ts_val {self.ts_val!r} is not a 32-bit value")
         for name in ("ici", "app_state", "unacked"):
@@ -118,6 +135,9 @@ class CheckpointRecord:
             RECORD_MAGIC, RECORD_VERSION, _RECORD_V1.size, self.epoch, self.seq,
             self.input_offset, self.output_offset, self.write_offset, self.ts_val,
             self.wall_ns, len(key), len(self.ici), len(self.app_state), len(self.unacked))
+        if self.acked_input is not None:   # extension 1: the header grows, v1 readers skip it
+            header = header[:6] + struct.pack(">H", _RECORD_V1.size + _EXT1.size) + header[8:] \
+                + _EXT1.pack(self.acked_input)
         return b"".join((header, key, self.ici, self.app_state, self.unacked))
 
     @classmethod
@@ -137,6 +157,9 @@ class CheckpointRecord:
          key_len, ici_len, app_len, unacked_len) = _RECORD_V1.unpack_from(data)
         if len(data) != header_len + key_len + ici_len + app_len + unacked_len:
             raise RecordError("format", "record length disagrees with its field lengths")
+        acked_input = None
+        if header_len >= _RECORD_V1.size + _EXT1.size:
+            acked_input, = _EXT1.unpack_from(data, _RECORD_V1.size)
         parts, pos = [], header_len
         for length in (key_len, ici_len, app_len, unacked_len):
             parts.append(bytes(data[pos:pos + length]))
@@ -147,7 +170,7 @@ class CheckpointRecord:
             raise RecordError("format", "connection key is not ASCII") from None
         return cls(conn_key=conn_key, ici=parts[1], app_state=parts[2], input_offset=i_off,
                    output_offset=o_off, write_offset=w_off, ts_val=ts_val, wall_ns=wall_ns,
-                   epoch=epoch, seq=seq, unacked=parts[3]).validate()
+                   epoch=epoch, seq=seq, unacked=parts[3], acked_input=acked_input).validate()
 
 
 def conn_key(local: tuple[str, int], remote: tuple[str, int]) -> str:

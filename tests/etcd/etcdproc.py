@@ -42,13 +42,25 @@ def wait_until(predicate, deadline_s: float, what: str, interval: float = 0.05):
 
 class EtcdServer:
     """One etcd process: ``endpoint``, ``pid``, ``start()``, ``suspend()``/``resume()``,
-    ``stop()``. Ports and data dir are chosen once, so a restart comes back in place."""
+    ``stop()``. Ports and data dir are chosen once, so a restart comes back in place.
 
-    def __init__(self, data_dir):
+    ``scheme="https"`` with ``extra_args`` naming the certificates (``--cert-file`` ...)
+    serves clients over TLS; /health is then read from a plain-HTTP metrics listener of
+    its own (``--listen-metrics-urls``), so that waiting for the server needs no client
+    certificate. ``extra_args`` go to etcd as they are.
+    """
+
+    def __init__(self, data_dir, *, scheme: str = "http", extra_args=()):
         self.data_dir = data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self.client_port, self.peer_port = free_port(), free_port()
-        self.endpoint = f"http://127.0.0.1:{self.client_port}"
+        self.endpoint = f"{scheme}://127.0.0.1:{self.client_port}"
+        self.extra_args = [str(a) for a in extra_args]
+        self.health_url = self.endpoint + "/health"
+        if scheme != "http":
+            self.metrics_port = free_port()
+            self.extra_args += ["--listen-metrics-urls", f"http://127.0.0.1:{self.metrics_port}"]
+            self.health_url = f"http://127.0.0.1:{self.metrics_port}/health"
         self.log_path = data_dir / "etcd.log"
         self.proc = None
         self.suspended = False
@@ -62,7 +74,7 @@ class EtcdServer:
                  "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
                  "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                  "--initial-cluster", f"tcpcp-test={peer}", "--initial-cluster-state", "new",
-                 "--heartbeat-interval", "100", "--election-timeout", "500"],
+                 "--heartbeat-interval", "100", "--election-timeout", "500", *self.extra_args],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         wait_until(self.healthy, START_DEADLINE_S, "healthy")
         return self
@@ -75,7 +87,7 @@ class EtcdServer:
         if self.proc.poll() is not None:
             raise RuntimeError(f"etcd exited with {self.proc.returncode}: {self.log_tail()}")
         try:
-            with urllib.request.urlopen(self.endpoint + "/health", timeout=1) as resp:
+            with urllib.request.urlopen(self.health_url, timeout=1) as resp:
                 return json.load(resp).get("health") == "true"
         except OSError:
             return False
@@ -104,13 +116,15 @@ class EtcdServer:
                 self.proc.wait(timeout=10)
 
 
-def start_etcd(tmp_dir) -> EtcdServer:
-    """Start etcd and wait for it to be healthy; retry on a port lost to a race."""
+def start_etcd(tmp_dir, **server_args) -> EtcdServer:
+    """Start etcd and wait for it to be healthy; retry on a port lost to a race.
+
+    ``server_args`` (``scheme``, ``extra_args``) go to :class:`EtcdServer`."""
     if not os.access(ETCD, os.X_OK):
         pytest.skip(f"{ETCD} not found: scripts/setup installs Debian's etcd-server")
     last = None
     for attempt in range(3):
-        server = EtcdServer(tmp_dir / f"try{attempt}")
+        server = EtcdServer(tmp_dir / f"try{attempt}", **server_args)
         try:
             return server.start()
         except (RuntimeError, AssertionError) as exc:

@@ -154,6 +154,24 @@ def test_resign_frees_the_key_and_fences_the_lease(a, b):
     assert b.acquire_leader("host-b", 5).epoch == 2
 
 
+def test_lease_time_left_counts_down_and_a_lapsed_lease_can_be_revoked(harness, a, b):
+    """The standby's early end of a lapsed lease: whole seconds left by the store's clock,
+    then a revoke that takes the leader key with it."""
+    lease = a.acquire_leader("host-a", 3)
+    left, granted = b.lease_time_left(lease.id)
+    assert granted == 3 and 1 <= left <= 3
+    harness.pass_time(2.2)
+    left, _ = b.lease_time_left(lease.id)
+    assert left <= 1
+    assert b.revoke_lapsed(lease.id) is True
+    assert b.leader().vacant
+    assert b.lease_time_left(lease.id) is None
+    assert b.revoke_lapsed(lease.id) is False          # idempotent
+    with pytest.raises(NotLeader):
+        a.renew(lease)
+    assert b.acquire_leader("host-b", 3).epoch == 2
+
+
 def test_leader_changed_sees_expiry_and_takeover(harness, a, b):
     assert not a.leader_changed(a.leader().revision)
     lease = a.acquire_leader("host-a", TTL)
@@ -321,3 +339,92 @@ def _answers(store) -> bool:
         return True
     except StoreUnavailable:
         return False
+
+
+# -- operator control keys and the leadership history ------------------------------------------
+def test_control_keys_are_written_read_and_deleted_without_a_lease(a, b):
+    """The operator holds no lease: control writes are not fenced, and leave the leader be."""
+    lease = b.acquire_leader("host-b", TTL)
+    assert a.get_control("pause") is None
+    first = base.control_value("pause", paused_at=1, by="root@ops")
+    assert a.put_control("pause", first) > 0
+    assert b.get_control("pause") == first
+    second = base.control_value("pause", paused_at=2, by="root@ops")
+    a.put_control("pause", second)                       # the newest request wins
+    assert b.get_control("pause") == second
+    assert a.get_control("switchover") is None           # names are separate keys
+    assert a.delete_control("pause") is True
+    assert a.delete_control("pause") is False
+    assert a.get_control("pause") is None
+    assert b.leader().name == "host-b"
+    b.put_many(items(1), leader_lease=lease)             # still the leader
+
+
+def test_control_names_and_sizes_are_checked_before_sending(a):
+    for name in ("Pause", "conn", "pause/x", ""):
+        with pytest.raises(InvalidKey):
+            a.put_control(name, b"{}")
+    with pytest.raises(ValueError):
+        a.put_control("pause", b"x" * (base.MAX_CONTROL_BYTES + 1))
+    assert a.get_control("pause") is None
+
+
+def test_control_and_history_keys_are_not_records(a):
+    a.put_control("switchover", base.control_value("switchover", to="b", from_="a", epoch=1,
+                                                   requested_at=1))
+    a.append_history(1, base.history_value(epoch=1, holder="a", acquired_at=1, reason="r"))
+    assert a.get_all().items == {}
+
+
+def test_history_is_create_only_and_in_epoch_order(a, b):
+    epochs = [10, 2, 1, 100, 9]             # more than one etcd page (page_size 3)
+    for epoch in epochs:
+        value = base.history_value(epoch=epoch, holder=f"host-{epoch}", acquired_at=epoch,
+                                   reason="no leader")
+        assert a.append_history(epoch, value) is True
+    assert b.append_history(2, b"rewritten") is False      # written once, never rewritten
+    got = b.history()
+    assert [epoch for epoch, _ in got] == sorted(epochs)
+    assert base.parse_history_value(dict(got)[2])["holder"] == "host-2"
+    with pytest.raises(InvalidKey):
+        a.append_history(0, b"{}")
+
+
+def test_revoke_leader_makes_the_key_vanish_and_fences_the_old_lease(a, b):
+    lease = a.acquire_leader("host-a", 30)
+    assert b.revoke_leader() is True
+    state = b.leader()
+    assert state.vacant and state.epoch == lease.epoch       # the epoch is not changed
+    with pytest.raises(NotLeader):
+        a.put_many(items(1), leader_lease=lease)
+    with pytest.raises(NotLeader):
+        a.renew(lease)
+    assert b.revoke_leader() is False                         # nobody to revoke
+    assert b.acquire_leader("host-b", TTL).epoch == lease.epoch + 1
+
+
+def test_revoke_leader_with_a_lease_id_spares_a_newer_leader(a, b):
+    old = a.acquire_leader("host-a", TTL)
+    a.resign(old)
+    new = b.acquire_leader("host-b", TTL)
+    assert a.revoke_leader(lease_id=old.id) is False
+    assert a.leader().name == "host-b"
+    b.put_many(items(1), leader_lease=new)
+    assert a.revoke_leader(lease_id=new.id) is True
+    assert a.leader().vacant
+
+
+CONTROL_OPERATIONS = {
+    "put_control": lambda s, lease: s.put_control("pause", b"{}"),
+    "get_control": lambda s, lease: s.get_control("pause"),
+    "delete_control": lambda s, lease: s.delete_control("pause"),
+    "append_history": lambda s, lease: s.append_history(1, b"{}"),
+    "history": lambda s, lease: s.history(),
+    "revoke_leader": lambda s, lease: s.revoke_leader(),
+}
+
+
+@pytest.mark.parametrize("op", sorted(CONTROL_OPERATIONS))
+def test_control_operations_fail_fast_when_unreachable(harness, cluster, op):
+    store = harness.unreachable_store(cluster)
+    assert_unavailable_fast(CONTROL_OPERATIONS[op], store, None)

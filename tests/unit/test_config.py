@@ -342,3 +342,59 @@ def test_the_drill_overrides_in_docs_are_valid():
     assert env, "docs/failover.md has no export TCPCP_... lines"
     c = loads(toml, env=env)
     assert c.lease_ttl == 1.0 and c.fence_deadline(0.0) == 0.75
+
+
+# -- api.listen and log.format ----------------------------------------------------------------
+
+def test_api_and_log_defaults():
+    c = from_mapping(MINIMAL, env={})
+    assert c.api_listen == "127.0.0.1:8008" and c.log_format == "text"
+    assert Config.setting_name("api_listen") == "api.listen"
+    assert Config.env_name("api_listen") == "TCPCP_API_LISTEN"
+    assert Config.env_name("log_format") == "TCPCP_LOG_FORMAT"
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:8008", "[::]:8008", "[2001:db8::1]:9000",
+                                    "localhost:8008", "agent-a.example.net:1", "127.0.0.1:0", ""])
+def test_api_listen_accepted(listen):
+    c = from_mapping(mapping(api={"listen": listen}, log={"format": "json"}), env={})
+    assert c.api_listen == listen and c.log_format == "json"
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1", "8008", ":8008", "::1:8008", "[::1]", "[nope]:80",
+                                    "127.0.0.1:65536", "127.0.0.1:-1", "127.0.0.1:http",
+                                    "300.0.0.1:80", "a b:80", 8008, ["127.0.0.1:8008"]])
+def test_api_listen_refused_names_the_field(listen):
+    assert refused(mapping(api={"listen": listen})).field == "api.listen"
+
+
+@pytest.mark.parametrize("fmt", ["xml", "JSON", "", 1])
+def test_log_format_refused_names_the_field(fmt):
+    assert refused(mapping(log={"format": fmt})).field == "log.format"
+
+
+def test_api_and_log_from_the_environment():
+    c = from_mapping(mapping(api={"listen": "0.0.0.0:8008"}),
+                     env={"TCPCP_API_LISTEN": "[::1]:9100", "TCPCP_LOG_FORMAT": "json"})
+    assert c.api_listen == "[::1]:9100" and c.log_format == "json"
+    # an empty value disables the API (it is not "unset": the default would enable it)
+    assert from_mapping(MINIMAL, env={"TCPCP_API_LISTEN": ""}).api_listen == ""
+    assert refused(MINIMAL, env={"TCPCP_API_LISTEN": "nowhere"}).field == "api.listen"
+    assert refused(MINIMAL, env={"TCPCP_LOG_FORMAT": "yaml"}).field == "log.format"
+    assert refused(MINIMAL, env={"TCPCP_API_LISTN": "x"}).field == "api.listn"
+
+
+def test_api_and_log_round_trip_and_are_documented():
+    c = from_mapping(mapping(api={"listen": ""}, log={"format": "json"}), env={})
+    assert c.as_toml_dict()["api"] == {"listen": "", "partners": []} and c.as_toml_dict()["log"] == {"format": "json"}
+    assert from_mapping(c.as_toml_dict(), env={}) == c
+    for name in ("api.listen", "log.format"):
+        assert name in cfg.__doc__
+
+
+def test_parse_listen():
+    assert cfg.parse_listen("127.0.0.1:8008") == ("127.0.0.1", 8008)
+    assert cfg.parse_listen("[::1]:0") == ("::1", 0)
+    assert cfg.parse_listen("[2001:DB8::1]:80") == ("2001:db8::1", 80)
+    with pytest.raises(ValueError):
+        cfg.parse_listen("::1:8008")

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from checkpointd import decide as d
 from checkpointd.config import BYTES_BOUND, Config
 from checkpointd.decide import (
-    AcquireLeader, CheckpointAll, ConnStats, Decision, DropConnections, EngageGate,
+    FailsafeRequested, AcquireLeader, CheckpointAll, ConnStats, Decision, DropConnections, EngageGate,
     EtcdUnreachable, FenceConnections, HAState, IllegalTransition, Isolate, LeaderAcquired,
     LeaderSeen, LeaderVanished, LeaseRenewed, MarkUnprotected, PassConnections, Paused,
     RecordMeta, ReleaseGate, ReleaseLeader, ReleaseVip, RenewFailed, RenewLease, Resumed,
@@ -89,8 +89,8 @@ CASES = [
     ("standby-reservation-over",
      st_(STANDBY, switchover_to=THIRD, switchover_at=99.5), LeaderVanished(7), 100.5,
      Role.PROMOTING, (AcquireLeader(8),), "no leader"),
-    ("standby-etcd-no-quorum", STANDBY, EtcdUnreachable(since=0.0, quorum_lost_at=0.9), 1.0,
-     Role.STANDBY, (), "etcd has no quorum for 1.00 s"),
+    ("standby-etcd-unreachable", STANDBY, EtcdUnreachable(since=0.0), 1.0,
+     Role.STANDBY, (), "etcd unreachable for 1.00 s"),
     ("standby-paused", STANDBY, Paused(), 1.0, Role.STANDBY, (), "fail-over paused"),
     ("standby-resumed", st_(STANDBY, paused=True), Resumed(), 1.0, Role.STANDBY, (), "resumed"),
     ("standby-switchover-elsewhere", STANDBY, SwitchoverRequested(THIRD), 1.0, Role.STANDBY, (),
@@ -146,17 +146,39 @@ CASES = [
      "fenced: could not renew"),
     ("primary-unreachable-long-no-gate-release", PRIMARY, EtcdUnreachable(since=90.0), 100.25,
      Role.PRIMARY, (RenewLease(),), "the ACK gate holds"),
-    ("primary-no-quorum-holds", PRIMARY, EtcdUnreachable(since=100.125, quorum_lost_at=100.375), 100.625,
-     Role.PRIMARY, (RenewLease(),), "nobody can take the leader key; the ACK gate holds inbound data, "
-     "released after 2 s"),
-    ("primary-no-quorum-grace-over", PRIMARY, EtcdUnreachable(since=98.0, quorum_lost_at=100.25), 100.3,
+    ("primary-failsafe-holds", PRIMARY, EtcdUnreachable(since=100.125, failsafe_at=100.375), 100.625,
+     Role.PRIMARY, (RenewLease(),), "the standby promised not to take over; the ACK gate holds "
+     "inbound data, released after 2 s"),
+    ("primary-failsafe-grace-over", PRIMARY, EtcdUnreachable(since=98.0, failsafe_at=100.25), 100.3,
      Role.PRIMARY, (MarkUnprotected(100.3), ReleaseGate(), RenewLease()),
      "released the ACK gate; connections keep working unprotected"),
-    ("primary-no-quorum-unprotected", st_(PRIMARY, unprotected_since=99.0),
-     EtcdUnreachable(since=97.0, quorum_lost_at=100.25), 100.3, Role.PRIMARY, (RenewLease(),),
+    ("primary-failsafe-unprotected", st_(PRIMARY, unprotected_since=99.0),
+     EtcdUnreachable(since=97.0, failsafe_at=100.25), 100.3, Role.PRIMARY, (RenewLease(),),
      "connections run unprotected"),
-    ("primary-no-quorum-too-old", PRIMARY, EtcdUnreachable(since=99.0, quorum_lost_at=99.5), 100.5,
+    ("primary-failsafe-too-old", PRIMARY, EtcdUnreachable(since=99.0, failsafe_at=99.5), 100.5,
      Role.FENCED, FENCE, "fenced: could not renew"),
+    # fail-safe: the standby confirms only while it cannot reach etcd itself
+    ("standby-failsafe-confirms", st_(STANDBY, etcd_down_since=99.0), FailsafeRequested(OTHER, 7),
+     100.0, Role.STANDBY, (d.AnswerFailsafe(True, 101.0, None),), "promised not to take the leader key"),
+    ("starting-failsafe-confirms-stale", st_(STARTING, etcd_down_since=99.0),
+     FailsafeRequested(OTHER, 7, unprotected=True), 100.0, Role.STARTING,
+     (d.AnswerFailsafe(True, 101.0, 7),), "their records are stale"),
+    ("standby-failsafe-refused", STANDBY, FailsafeRequested(OTHER, 7), 100.0, Role.STANDBY,
+     (d.AnswerFailsafe(False),), "this host reaches etcd"),
+    ("promoting-failsafe-refused", PROMOTING, FailsafeRequested(OTHER, 7), 100.0, Role.PROMOTING,
+     (d.AnswerFailsafe(False),), "this host is promoting"),
+    ("primary-failsafe-refused", PRIMARY, FailsafeRequested(OTHER, 7), 100.25, Role.PRIMARY,
+     (d.AnswerFailsafe(False),), "this host is primary"),
+    ("primary-failsafe-at-deadline-fences", PRIMARY, FailsafeRequested(OTHER, 7), 100.5, Role.FENCED,
+     FENCE, "fenced: could not renew"),
+    ("fenced-failsafe-refused", FENCED, FailsafeRequested(OTHER, 7), 100.75, Role.FENCED,
+     (d.AnswerFailsafe(False),), "this host is fenced"),
+    ("demoted-failsafe-refused", DEMOTED, FailsafeRequested(OTHER, 9), 100.25, Role.DEMOTED,
+     (d.AnswerFailsafe(False),), "this host is demoted"),
+    ("standby-promised-no-takeover", st_(STANDBY, promised_until=100.5), LeaderVanished(7), 100.0,
+     Role.STANDBY, (), "promised (fail-safe) not to take the leader key for 0.50 s more"),
+    ("standby-promise-over", st_(STANDBY, promised_until=100.0), LeaderVanished(7), 100.0,
+     Role.PROMOTING, (AcquireLeader(8),), "trying to acquire"),
     ("primary-paused", PRIMARY, Paused(), 100.25, Role.PRIMARY, (), "fail-over paused by the operator (primary)"),
     ("primary-resumed", st_(PRIMARY, paused=True), Resumed(), 100.25, Role.PRIMARY, (), "resumed"),
     ("primary-paused-still-fences", PRIMARY, Paused(), 100.5, Role.FENCED, FENCE, "fenced"),
@@ -238,7 +260,8 @@ def test_cases_reach_every_transition_in_the_table():
 EXAMPLES = {Tick: Tick(), LeaseRenewed: LeaseRenewed(100.0), RenewFailed: RenewFailed(100.0),
             LeaderSeen: LeaderSeen(OTHER, 9), LeaderVanished: LeaderVanished(8),
             LeaderAcquired: LeaderAcquired(9, 90, 100.0), EtcdUnreachable: EtcdUnreachable(99.0),
-            Paused: Paused(), Resumed: Resumed(), SwitchoverRequested: SwitchoverRequested(OTHER)}
+            Paused: Paused(), Resumed: Resumed(), SwitchoverRequested: SwitchoverRequested(OTHER),
+            d.FailsafeRequested: d.FailsafeRequested(OTHER, 7)}
 STATES = {Role.STARTING: STARTING, Role.STANDBY: STANDBY, Role.PROMOTING: PROMOTING,
           Role.PRIMARY: PRIMARY, Role.FENCED: FENCED, Role.DEMOTED: DEMOTED}
 ILLEGAL = [(role, obs) for role in Role for obs in d.OBSERVATIONS if obs not in d.TRANSITIONS[role]]
@@ -333,7 +356,7 @@ def test_renew_failed_trusts_the_earlier_of_two_clocks():
 def test_no_quorum_freezes_the_lease_clock():
     # etcd without quorum lets no lease run down: a majority's no-leader answer at 100.375
     # counts as the lease being alive then.
-    decision = decide(PRIMARY, EtcdUnreachable(since=100.125, quorum_lost_at=100.375), 100.75, CONFIG)
+    decision = decide(PRIMARY, EtcdUnreachable(since=100.125, failsafe_at=100.375), 100.75, CONFIG)
     assert decision.new_state.role is Role.PRIMARY
     assert decision.new_state.last_renew == 100.375
     assert decision.wake_at <= CONFIG.fence_deadline(100.375)
@@ -358,6 +381,7 @@ observations = st.one_of(
     st.builds(EtcdUnreachable, st.floats(0, 3), st.none() | st.floats(0, 0.7)),
     st.just(Paused()), st.just(Resumed()),
     st.builds(SwitchoverRequested, st.sampled_from([ME, OTHER, THIRD])),
+    st.builds(d.FailsafeRequested, st.sampled_from([OTHER, THIRD]), st.integers(1, 12), st.booleans()),
 )
 
 
@@ -371,7 +395,7 @@ def test_random_sequences_keep_the_invariants(steps):
     machine = RoleMachine(CONFIG, clock=lambda: now[0])
     for dt, obs in steps:
         now[0] += dt
-        for name in ("at", "last_ok", "since", "quorum_lost_at"):
+        for name in ("at", "last_ok", "since", "failsafe_at"):
             if getattr(obs, name, None) is not None:
                 obs = type(obs)(**{**obs.__dict__, name: now[0] - getattr(obs, name)})
         before = machine.state
@@ -413,6 +437,15 @@ class ModelEtcd:
             return True
         return False
 
+    def time_left(self, lease, t):
+        """What etcd's LeaseTimeToLive says: whole seconds, truncated toward zero."""
+        return (int(self.leases[lease] - t), int(self.ttl)) if lease in self.leases else None
+
+    def revoke(self, lease, t):
+        self.expire(t)
+        self.leases.pop(lease, None)
+        self.expire(t)
+
     def acquire(self, host, epoch, t):
         self.expire(t)
         if self.key is not None or self.counter != epoch - 1:
@@ -449,13 +482,21 @@ class SimHost:
         self.etcd.expire(self.clock())
         if self.etcd.key is None:
             return LeaderVanished(self.etcd.counter or None, self.etcd.revision)
-        holder, epoch, _ = self.etcd.key
-        return LeaderSeen(holder, epoch, self.etcd.revision)
+        holder, epoch, lease = self.etcd.key
+        left = self.etcd.time_left(lease, self.clock())
+        if self.machine.state.role not in (Role.STANDBY, Role.STARTING) or left is None:
+            return LeaderSeen(holder, epoch, self.etcd.revision)
+        return LeaderSeen(holder, epoch, self.etcd.revision, lease_id=lease,
+                          ttl_left=left[0], ttl_granted=left[1])
 
     def feed(self, obs):
         decision = self.machine.observe(obs)
         self.wake = decision.wake_at
         for action in decision.actions:
+            if isinstance(action, d.RevokeLapsedLease):
+                if self.connected:
+                    self.etcd.revoke(action.lease_id, self.clock())
+                    self.feed(self.key_observation())
             if isinstance(action, AcquireLeader):
                 t = self.clock()
                 if not self.connected:
@@ -477,7 +518,7 @@ def test_two_hosts_never_speak_for_one_connection(events):
     moment, a PRIMARY holds the leader key under a lease etcd still keeps alive, so at
     most one host is PRIMARY; and once the survivors reach etcd again, one of them is."""
     now = [0.0]
-    etcd = ModelEtcd(CONFIG.lease_ttl)
+    etcd = ModelEtcd(d.granted_ttl(CONFIG))   # the standby ends leases at lease_ttl
     hosts = [SimHost(n, etcd, lambda: now[0]) for n in (ME, OTHER, THIRD)]
     timeline, t = [], 0.0
     for dt, index, what in events:
@@ -622,3 +663,32 @@ def test_output_budget():
     assert output_budget(ConnStats(0, 0, NOW), CONFIG) == CONFIG.max_bytes
     assert output_budget(ConnStats(0, CONFIG.max_bytes - 10, NOW), CONFIG) == 10
     assert output_budget(ConnStats(0, CONFIG.max_bytes + 10, NOW), CONFIG) == 0
+
+
+# -- a lapsed lease, seen by etcd's clock ---------------------------------------------------------
+
+@pytest.mark.parametrize("left, granted, lapsed", [
+    (None, 2, False), (1, 2, False), (0, 2, True), (-1, 2, True), (1, 3, True), (2, 3, False),
+    (0, None, False)])
+def test_lease_lapsed_edges(left, granted, lapsed):
+    """lease_ttl 1, granted 2: a reading of 0 means under 1 s left, so over 1 s since the
+    renewal etcd processed; a reading of 1 may be 1.99 s left."""
+    assert d.lease_lapsed(left, granted, CONFIG) is lapsed
+
+
+@pytest.mark.parametrize("ttl, granted", [(1.0, 2), (1.5, 3), (5.0, 6)])
+def test_granted_ttl_is_a_whole_second_more(ttl, granted):
+    assert d.granted_ttl(CONFIG.replace(lease_ttl=ttl, fence_margin=0.3, renew_interval=0.1,
+                                        retry_timeout=0.1)) == granted
+
+
+def test_standby_revokes_a_lapsed_lease_unless_paused():
+    standby = st_(STARTING, role=Role.STANDBY, holder=OTHER, epoch=3)
+    seen = LeaderSeen(OTHER, 3, 10, lease_id=77, ttl_left=0, ttl_granted=2)
+    decision = decide(standby, seen, 5.0, CONFIG)
+    assert decision.actions == (d.RevokeLapsedLease(77, OTHER, 3),)
+    assert decision.new_state.role is Role.STANDBY and "revoking" in decision.reason
+    paused = decide(st_(standby, paused=True), seen, 5.0, CONFIG)
+    assert paused.actions == () and "paused" in paused.reason
+    alive = decide(standby, LeaderSeen(OTHER, 3, 10, lease_id=77, ttl_left=1, ttl_granted=2), 5.0, CONFIG)
+    assert alive.actions == ()

@@ -78,8 +78,29 @@ def test_encoding_is_versioned_big_endian():
 def test_longer_record_header_from_a_newer_writer_still_decodes():
     raw = make().encode()
     header_len = struct.unpack(">H", raw[6:8])[0]
+    # a writer two extensions ahead: extension 1 (acked_input) and 8 unknown bytes
+    rec = make(acked_input=make().input_offset - 1)
+    raw = rec.encode()
+    header_len = struct.unpack(">H", raw[6:8])[0]
     longer = raw[:6] + struct.pack(">H", header_len + 8) + raw[8:header_len] + b"\0" * 8 + raw[header_len:]
-    assert CheckpointRecord.decode(longer) == make()
+    assert CheckpointRecord.decode(longer) == rec
+
+
+def test_acked_input_is_an_optional_header_extension():
+    """Records without it (older writers) decode with the gate assumed at input_offset;
+    with it, the header is 8 bytes longer and the value round-trips."""
+    plain = make()
+    assert plain.peer_acked_from == plain.input_offset
+    ext = make(acked_input=plain.input_offset - 5)
+    raw_plain, raw_ext = plain.encode(), ext.encode()
+    assert len(raw_ext) == len(raw_plain) + 8
+    assert CheckpointRecord.decode(raw_ext).peer_acked_from == plain.input_offset - 5
+
+
+def test_acked_input_beyond_the_input_offset_is_refused():
+    with pytest.raises(RecordError) as err:
+        make(acked_input=make().input_offset + 1).encode()
+    assert err.value.reason == "format" and "acked_input" in str(err.value)
 
 
 # -- refusals: one test per reason --------------------------------------------------------------
