@@ -282,7 +282,7 @@ class Agent:
         sent = self.clock()
         body = json.dumps({"holder": self.config.host_name, "epoch": self.machine.state.epoch,
                            "unprotected": self.unprotected_since is not None}).encode()
-        timeout = max(0.05, min(self.config.retry_timeout, self.config.renew_interval * 2))
+        timeout = self.config.retry_timeout + 0.1   # the partner may first try etcd itself
         for partner in partners:
             url = partner if "//" in partner else f"http://{partner}"
             try:
@@ -305,6 +305,15 @@ class Agent:
                                            unprotected=bool(body.get("unprotected", False)))
         except (KeyError, TypeError, ValueError) as exc:
             return {"ok": False, "host": self.config.host_name, "reason": f"bad request: {exc}"}
+        if self.machine.state.role in (decide.Role.STANDBY, decide.Role.STARTING) \
+                and self.etcd_down_since is None:
+            # our last look may predate the outage: look again, so that the answer says
+            # what this host sees now (a refusal makes the primary fence)
+            try:
+                self.store.leader()
+            except StoreError:
+                with self.ha_lock:
+                    self.machine.observe(decide.EtcdUnreachable(since=self._etcd_down(self.clock())))
         with self.ha_lock:
             decision = self.machine.observe(obs)
         self.note(f"{decision.new_state.role.value}: {decision.reason}")

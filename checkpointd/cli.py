@@ -48,21 +48,24 @@ def passing_demo(connections: int, ipv6: bool, rate_mbps: float, as_json: bool) 
 @click.option("--duration", default=4.0, show_default=True, help="seconds of traffic per connection")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="draw the fail-over (bytes against time, events marked) into this PNG")
-@click.option("--fault", type=click.Choice(["crash", "mid-commit", "etcd-partition"]),
+@click.option("--fault", type=click.Choice(["crash", "mid-commit", "etcd-partition", "etcd-outage"]),
               default="crash", show_default=True,
               help="crash: link down then kill; mid-commit: the same, between a durable etcd "
-                   "write and the ACK gate's raise; etcd-partition: cut off from etcd, alive")
+                   "write and the ACK gate's raise; etcd-partition: cut off from etcd, alive; "
+                   "etcd-outage: etcd loses quorum, a keeps serving (fail-safe), then crashes")
 @click.option("--pcap", type=click.Path(dir_okay=False), default=None,
               help="capture the peer's packets (headers) into this file")
+@click.option("--keep", type=click.Path(file_okay=False), default=None,
+              help="copy every process's log and the agents' status into this directory")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def drill(connections: int, seed: int, lease_ttl: float, duration: float, plot: str | None,
-          fault: str, pcap: str | None, as_json: bool) -> None:
+          fault: str, pcap: str | None, keep: str | None, as_json: bool) -> None:
     """Kill the primary under load in namespaces and check every byte at the peers."""
     from . import drill as drill_mod
 
     raise_fd_limit()
     result = drill_mod.run(connections, seed=seed, lease_ttl=lease_ttl, duration=duration,
-                           plot=plot, fault=fault, pcap=pcap, progress=lambda m: click.echo(f"# {m}", err=True))
+                           plot=plot, fault=fault, pcap=pcap, keep=keep, progress=lambda m: click.echo(f"# {m}", err=True))
     if as_json:
         click.echo(json.dumps(result))
     else:

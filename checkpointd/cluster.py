@@ -81,15 +81,25 @@ class Cluster:
     topo: Topology
     workdir: Path
     lease_ttl: float = 1.0
+    unprotected_grace: float = 10.0
     procs: list[Proc] = field(default_factory=list)
 
     @property
+    def etcd_hosts(self) -> list:
+        """The etcd members' hosts: the topology's extra hosts named etcd1, etcd2..."""
+        return [h for h in self.topo.hosts.values() if h.role.startswith("etcd")]
+
+    @property
     def etcd_host(self):
-        return self.topo.role("etcd1")
+        return self.etcd_hosts[0]
 
     @property
     def endpoint(self) -> str:
         return f"http://{self.etcd_host.ipv4}:2379"
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [f"http://{h.ipv4}:2379" for h in self.etcd_hosts]
 
     def spawn(self, ns: str, name: str, argv: list[str], **kw) -> Proc:
         log = self.workdir / f"{name}.log"
@@ -101,29 +111,46 @@ class Cluster:
         return proc
 
     # -- etcd --------------------------------------------------------------------------
-    def start_etcd(self) -> Proc:
-        ns, addr = self.etcd_host.ns, self.etcd_host.ipv4
-        data = self.workdir / "etcd-data"
+    def start_etcd(self) -> list[Proc]:
+        """One member per etcd host of the topology (one or three), started together and
+        waited until the cluster answers. Each member's data stays in the work directory,
+        so ``restart_etcd_member`` brings a killed member back with its state."""
+        procs = [self._spawn_etcd(h) for h in self.etcd_hosts]
+        self.wait_etcd_healthy()
+        return procs
+
+    def _spawn_etcd(self, host) -> Proc:
+        members = ",".join(f"{h.role}=http://{h.ipv4}:2380" for h in self.etcd_hosts)
+        addr = host.ipv4
         # Timings that let a 1 s lease mean something: a leader heartbeat every 50 ms,
         # an election after 250 ms of silence.
-        proc = self.spawn(ns, "etcd", [
-            ETCD, "--name", "e1", "--data-dir", str(data),
+        return self.spawn(host.ns, host.role, [
+            ETCD, "--name", host.role, "--data-dir", str(self.workdir / f"{host.role}-data"),
             "--listen-client-urls", f"http://{addr}:2379", "--advertise-client-urls", f"http://{addr}:2379",
             "--listen-peer-urls", f"http://{addr}:2380", "--initial-advertise-peer-urls", f"http://{addr}:2380",
-            "--initial-cluster", f"e1=http://{addr}:2380", "--initial-cluster-state", "new",
+            "--initial-cluster", members, "--initial-cluster-state", "new",
+            "--initial-cluster-token", f"tcpcp-{self.topo.tag}",
             "--heartbeat-interval", "50", "--election-timeout", "250", "--log-level", "warn"])
 
+    def etcd_proc(self, role: str) -> Proc | None:
+        alive = [p for p in self.procs if p.name == role and p.alive()]
+        return alive[-1] if alive else None
+
+    def restart_etcd_member(self, role: str) -> Proc:
+        return self._spawn_etcd(self.topo.role(role))
+
+    def wait_etcd_healthy(self, deadline_s: float = 20) -> None:
         def healthy():
-            if not proc.alive():
-                raise RuntimeError(f"etcd exited: {proc.tail()}")
+            for p in self.procs:
+                if p.name.startswith("etcd") and p.popen.poll() not in (None, -9, -15):
+                    raise RuntimeError(f"{p.name} exited: {p.tail()}")
             with netns.enter(self.topo.peer):
                 try:
                     with urllib.request.urlopen(self.endpoint + "/health", timeout=0.5) as r:
                         return json.load(r).get("health") == "true"
                 except OSError:
                     return False
-        wait_for(healthy, 20, "etcd healthy", 0.1)
-        return proc
+        wait_for(healthy, deadline_s, "etcd healthy", 0.1)
 
     def start_pair(self, *, fault_point: str | None = None) -> Proc:
         """etcd, the key file, agent a (waited until primary), agent b (until standby).
@@ -153,7 +180,7 @@ class Cluster:
 name = "drill"
 host = "{host}"
 [etcd]
-endpoints = ["{self.endpoint}"]
+endpoints = {json.dumps(self.endpoints)}
 [security]
 key_file = "{self.workdir / 'tcpcp.key'}"
 [network]
@@ -168,6 +195,7 @@ checkpoint_interval = 5
 commit_interval = 0.005
 msl = 120
 clock_skew = 0.05
+unprotected_grace = {self.unprotected_grace}
 [app]
 socket = "{self.workdir / host / 'app.sock'}"
 [api]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,26 +81,35 @@ def _event_time(status: dict | None, needle: str, after: float) -> float | None:
     return None
 
 
-FAULTS = ("crash", "mid-commit", "etcd-partition")
+FAULTS = ("crash", "mid-commit", "etcd-partition", "etcd-outage")
 
 
 def run(connections: int = 20, *, seed: int = 1, lease_ttl: float = 1.0, http_rate: int = 2_000_000,
         duration: float = 4.0, kill_window: tuple[float, float] = (0.8, 2.0), plot: str | None = None,
-        progress=lambda msg: None, fault: str = "crash", pcap: str | None = None) -> dict:
+        progress=lambda msg: None, fault: str = "crash", pcap: str | None = None,
+        keep: str | None = None, outage_s: float = 2.5) -> dict:
     """One drill. ``fault``: "crash" (A's link down, then its processes killed),
     "mid-commit" (the same crash, at the moment A's checkpoints are durable in etcd but
     their ACK gates not yet raised: the peers' snd_una is one commit behind the records) or
     "etcd-partition" (A alive and connected to the peers but cut off from etcd: it must
-    fence itself before its lease can lapse, and B takes over). ``pcap``: capture the
-    peer's side of every connection (tcpdump, headers only) into this file."""
+    fence itself before its lease can lapse, and B takes over) or "etcd-outage" (etcd is a
+    three-member cluster; two members are killed, so it has no quorum for
+    ``outage_s``; fail-safe: A asks B, B cannot reach etcd either, so A keeps serving and
+    releases the ACK gate after the grace; the members come back, A re-protects its
+    connections, and only then does A crash). ``pcap``: capture the
+    peer's side of every connection (tcpdump, headers only) into this file. ``keep``: copy
+    every process's log and the agents' last status into this directory at the end."""
     if fault not in FAULTS:
         raise ValueError(f"fault must be one of {FAULTS}")
     rng = random.Random(seed)
     n_http = max(1, connections // 2)
     n_kv = max(0, connections - n_http)
-    with Topology.create(extra=("etcd1",)) as topo, tempfile.TemporaryDirectory(prefix="tcpcp-drill-") as d:
+    members = ("etcd1", "etcd2", "etcd3") if fault == "etcd-outage" else ("etcd1",)
+    with Topology.create(extra=members) as topo, tempfile.TemporaryDirectory(prefix="tcpcp-drill-") as d:
         work = Path(d)
-        cluster = Cluster(topo, work, lease_ttl=lease_ttl)
+        cluster = Cluster(topo, work, lease_ttl=lease_ttl,
+                          unprotected_grace=1.0 if fault == "etcd-outage" else 10.0)
+        outage = None
         sampler = None
         try:
             progress(f"topology {topo.tag}: starting etcd")
@@ -135,7 +145,9 @@ def run(connections: int = 20, *, seed: int = 1, lease_ttl: float = 1.0, http_ra
                 agent_a.kill(signal.SIGUSR1)   # arm: the committer stops after its next write
                 wait_for(lambda: _event_time(cluster.status("a"), "fault point after-write", 0), 10,
                          "a stopped between an etcd write and the ACK gate's raise", 0.002)
-            if fault in ("crash", "mid-commit"):
+            if fault == "etcd-outage":
+                outage = _etcd_outage(cluster, outage_s, progress)
+            if fault in ("crash", "mid-commit", "etcd-outage"):
                 # Silence the host first (a live kernel would send FIN/RST), then kill.
                 subprocess.run(["ip", "-n", topo.origin, "link", "set", "eth0", "down"], check=True)
                 killed = time.monotonic()
@@ -169,6 +181,8 @@ def run(connections: int = 20, *, seed: int = 1, lease_ttl: float = 1.0, http_ra
             if sampler is not None:
                 sampler.stop.set()
             cluster.stop_all()
+            if keep:
+                _keep(work, Path(keep))
         result = _verify(files, seeds, length, curls, kv_report if n_kv else None)
         detection = _event_time(status_b, "promoting", killed)
         takeover = _event_time(status_b, "took virtual IPs", killed)
@@ -187,6 +201,8 @@ def run(connections: int = 20, *, seed: int = 1, lease_ttl: float = 1.0, http_ra
             restore_ms=round(res.get("probe_ms", 0) + res.get("restore_ms", 0) + res.get("activate_ms", 0), 1),
             events_b=[text for t, text in status_b["events"] if t >= killed - 0.5][:20],
             fault=fault)
+        if outage is not None:
+            result.update(outage)
         if fault == "etcd-partition":
             fenced = _event_time(status_a, "fenced", killed)
             result.update(a_role=status_a["role"], a_fenced_ms=round((fenced - killed) * 1000, 1) if fenced else None,
@@ -195,6 +211,47 @@ def run(connections: int = 20, *, seed: int = 1, lease_ttl: float = 1.0, http_ra
         if plot:
             _plot(plot, sampler, killed, detection, takeover, res.get("at"))
         return result
+
+
+def _etcd_outage(cluster: Cluster, outage_s: float, progress) -> dict:
+    """Kill two of the three etcd members (no quorum), wait, bring them back; report what
+    agent a did meanwhile. It must stay primary throughout (fail-safe), release the ACK
+    gate after the grace, and re-engage it once etcd answers."""
+    killed = [cluster.etcd_proc(m) for m in ("etcd2", "etcd3")]
+    t0 = time.monotonic()
+    for proc in killed:
+        proc.kill()
+        proc.popen.wait()
+    progress(f"etcd has no quorum (etcd2, etcd3 killed) for {outage_s:g} s")
+    roles, unprotected = set(), False
+    while time.monotonic() - t0 < outage_s:
+        st = cluster.status("a") or {}
+        roles.add(st.get("role"))
+        unprotected = unprotected or bool(st.get("unprotected"))
+        time.sleep(0.02)
+    for m in ("etcd2", "etcd3"):
+        cluster.restart_etcd_member(m)
+    cluster.wait_etcd_healthy()
+    back = time.monotonic()
+    progress(f"etcd has quorum again after {back - t0:.2f} s; waiting for a to re-protect")
+
+    def reprotected():
+        st = cluster.status("a") or {}
+        roles.add(st.get("role"))
+        return _event_time(st, "re-engaged the ACK gate", t0) and st.get("etcd_reachable")
+    wait_for(reprotected, 20, "a re-engaging the ACK gate")
+    time.sleep(1.0)   # let the connections commit past the re-protection point
+    st = cluster.status("a") or {}
+    return {"outage_s": round(back - t0, 2), "a_roles_during_outage": sorted(r for r in roles if r),
+            "a_unprotected_during_outage": unprotected,
+            "events_a_outage": [text for t, text in st.get("events", []) if t >= t0][:12]}
+
+
+def _keep(work: Path, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in [*work.glob("*.log"), *work.glob("*.json"), *work.glob("*/status.json")]:
+        name = f.name if f.parent == work else f"{f.parent.name}-{f.name}"
+        shutil.copy(f, dest / name)
 
 
 def _start_apps(cluster: Cluster, ns: str, host: str, vip: str) -> list:

@@ -34,11 +34,11 @@ protected, not only the records.
   once, in its constructor (a network call on a random member, outside our timeout and
   failover, whose failure is a raw gRPC error) and never again. etcd forgets its simple
   tokens when it restarts and after ``--auth-token-ttl`` idle seconds (default 300), and
-  with JWT tokens refuses one older than a change to its users or roles; so a call refused
-  for its token ("invalid auth token", "revision of auth store is old") authenticates
-  again once and is repeated. The token is fetched on the first call, not in the constructor, so building a
-  store never waits for etcd. The password is kept only for that; it is not in ``repr``,
-  logs or errors.
+  may refuse a token older than a change to its users or roles; so a call refused for its
+  token ("invalid auth token", "revision of auth store is old") authenticates again once
+  and is repeated. The token is fetched on the first call, not in the constructor, so
+  building a store never waits for etcd. The password is kept only for that; it is not
+  in ``repr``, logs or errors.
 - Failures say what to check: a TLS handshake failure names etcd.ca / etcd.cert / etcd.key,
   a refused password etcd.user / etcd.password, a permission refusal the key prefix the
   user needs.

@@ -25,3 +25,25 @@ def test_primary_cut_off_from_etcd_fences_before_the_standby_takes_over():
     assert result["a_role"] == "fenced", result
     assert result["resurrected"] == 10, result
     assert result["lost_bytes"] == 0 and result["duplicated_bytes"] == 0 and result["resets"] == 0, result
+
+
+def test_kill_between_a_durable_checkpoint_and_the_gate_raise_loses_nothing():
+    """The primary's committer stops after an etcd write and before the ACK gates are
+    raised, then the host crashes: the peers' snd_una is one commit behind the records,
+    and the resurrection nudges them at both offsets."""
+    result = drill.run(20, seed=31, duration=3.0, fault="mid-commit")
+    assert result["resurrected"] == 20, result
+    assert result["lost_bytes"] == 0 and result["duplicated_bytes"] == 0 and result["resets"] == 0, result
+    assert result["kv"]["ok"], result
+
+
+def test_etcd_without_quorum_fail_safe_then_crash_loses_nothing():
+    """Two of three etcd members die: the primary cannot renew, the standby confirms it
+    cannot reach etcd either, so the primary keeps serving (never fenced) and releases the
+    ACK gate after the 1 s grace; quorum returns, it re-protects its connections, and a
+    crash after that is survived with nothing lost."""
+    result = drill.run(10, seed=41, duration=9.0, fault="etcd-outage")
+    assert result["a_roles_during_outage"] == ["primary"], result
+    assert result["a_unprotected_during_outage"], result
+    assert result["resurrected"] == 10 and result["refused"] == 0, result
+    assert result["lost_bytes"] == 0 and result["duplicated_bytes"] == 0 and result["resets"] == 0, result

@@ -17,8 +17,7 @@ from checkpointd.store import record as rec
 from checkpointd.store.errors import RecordError
 from checkpointd.store.keyring import Keyring
 from checkpointd.store.layout import Layout
-from checkpointd.store.record import (CheckpointRecord, check_fresh, conn_key, open_, open_many,
-                                      seal)
+from checkpointd.store.record import CheckpointRecord, conn_key, open_, open_many, seal
 
 LAYOUT = Layout("prod")
 NOW = 1_700_000_000 * 10**9
@@ -171,23 +170,27 @@ def test_foreign_key_under_a_name_we_use_fails_authentication():
 
 
 def test_rotation_step_by_step():
-    """docs/security.md, "Rotating the record key": prepend, wait one MSL, remove."""
-    before = ring(("2024", KEY_OLD))
-    during = ring(("2025", KEY_NEW), ("2024", KEY_OLD))
-    after = ring(("2025", KEY_NEW))
-    old_blob = seal(make(seq=1), before, NAME)
-
-    # 1. new key prepended: new records use it, old ones still open
-    new_blob = seal(make(seq=2), during, NAME)
-    assert new_blob[15:19] == b"2025" and old_blob[15:19] == b"2024"
-    assert open_(old_blob, during, NAME, expected_epoch=7).seq == 1
-    assert open_(new_blob, during, NAME, expected_epoch=7).seq == 2
-    # a host not yet rotated cannot open the new records: rotate every host first
-    assert "sealed with key '2025'" in refused("authentication", new_blob, before)
-
-    # 3. old key removed: records sealed with it are refused as an unknown key
-    assert open_(new_blob, after, NAME, expected_epoch=7).seq == 2
-    message = refused("authentication", old_blob, after)
+    """docs/security.md, "Rotating the record key": at every step each host opens what the
+    other seals, whichever of them is primary; at the end the old key's records are
+    refused as an unknown key."""
+    old_only = ring(("2024", KEY_OLD))
+    step1 = ring(("2024", KEY_OLD), ("2025", KEY_NEW))     # new key added second: opens only
+    step2 = ring(("2025", KEY_NEW), ("2024", KEY_OLD))     # moved to the top: seals
+    step4 = ring(("2025", KEY_NEW))                         # old key removed
+    sealed_by = {}
+    # Hosts change one at a time: every adjacent pair of keyrings must interoperate.
+    for a, b in ((old_only, step1), (step1, step2), (step2, step4)):
+        for sealer, opener in ((a, b), (b, a)):
+            blob = seal(make(), sealer, NAME)
+            sealed_by[sealer.current_id] = blob
+            assert open_(blob, opener, NAME, expected_epoch=7) == make(), (sealer, opener)
+    assert step1.current_id == "2024"                       # step 1 changes no seal
+    assert sealed_by["2025"][15:19] == b"2025"
+    # Prepending on one host while the other has no new key would break a fail-over:
+    blob = seal(make(), step2, NAME)
+    assert "sealed with key '2025'" in refused("authentication", blob, old_only)
+    # After step 4 a record sealed with the old key is refused, naming it.
+    message = refused("authentication", sealed_by["2024"], step4)
     assert "sealed with key '2024'" in message and "not in the keyring" in message
 
 
