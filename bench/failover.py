@@ -19,6 +19,24 @@ from checkpointd import drill  # noqa: E402
 from checkpointd.cluster import raise_fd_limit  # noqa: E402
 
 
+HTTP_TOTAL = 30_000_000   # bytes/s of all downloads together, at most, beyond 100 connections
+KV_TOTAL = 2_000         # requests/s of all KV sessions together, beyond 100 connections
+
+
+def http_rate(n: int) -> int:
+    """Bytes/s per download: 2 MB/s for a few, 200 kB/s from 100 connections, and for more
+    at most HTTP_TOTAL together (a 2-core machine serves both hosts and the peer)."""
+    n_http = max(1, n // 2)
+    return min(max(200_000, 2_000_000 * 10 // max(10, n)), max(20_000, HTTP_TOTAL // n_http))
+
+
+def kv_rate(n: int) -> float | None:
+    """Requests/s per KV session: kv_client.py's default up to 100 connections, then at
+    most KV_TOTAL together."""
+    n_kv = n - max(1, n // 2)
+    return None if n <= 100 or not n_kv else max(1.0, KV_TOTAL / n_kv)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--connections", type=int, nargs="+", default=[1, 20, 100])
@@ -31,7 +49,7 @@ def main(argv=None) -> int:
     rows = []
     for n in args.connections:
         r = drill.run(n, seed=args.seed, lease_ttl=args.lease_ttl, duration=args.duration,
-                      http_rate=max(200_000, 2_000_000 * 10 // max(10, n)))
+                      http_rate=http_rate(n), kv_rate=kv_rate(n))
         rows.append({k: r.get(k) for k in (
             "connections", "resurrected", "bytes_verified", "lost_bytes", "duplicated_bytes",
             "resets", "max_gap_ms", "detection_ms", "takeover_ms", "restore_ms", "lease_ttl_s")})

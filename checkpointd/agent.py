@@ -36,6 +36,7 @@ from .config import Config
 from .conns import Registration, checkpoint_ici
 from .store import record as records
 from .store.base import CheckpointStore, Lease
+from .store.base import history_value, parse_control_value
 from .store.errors import StoreError, StoreUnavailable
 from .store.keyring import Keyring
 from .store.layout import Layout
@@ -116,6 +117,7 @@ class Agent:
         self.counters = {"checkpoints": 0, "commit_batches": 0, "refused": 0,
                          "resurrected": 0, "fenced": 0}
         self._queued = False   # a commit is waiting for the committer
+        self._released: set[str] = set()   # closed connections whose records must go
         self._last_role: decide.Role | None = None
         self._pending_resurrection = None        # prepared by Isolate, used by Resurrect
         # resurrected connections whose application has not connected yet, by local port
@@ -224,9 +226,26 @@ class Agent:
             if follow is not None:
                 obs = follow
                 continue
+            if isinstance(obs, decide.LeaderAcquired) and self.machine.state.role is decide.Role.PRIMARY:
+                self._after_acquiring(self.machine.state.epoch, decision.reason)
             wait = max(0.0, (decision.wake_at or self.clock() + self.config.renew_interval) - self.clock())
             self.stopping.wait(min(wait, self.config.renew_interval))
+            for flag in self.control_observations():
+                self._observe_now(flag)
             obs = self._look()
+
+    def _observe_now(self, obs) -> None:
+        """One observation outside the loop's own (an operator's request): decide, log,
+        act."""
+        try:
+            with self.ha_lock:
+                decision = self.machine.observe(obs)
+        except decide.IllegalTransition as exc:
+            log.warning("%s", exc)
+            return
+        self.note(f"{decision.new_state.role.value}: {decision.reason}")
+        for action in decision.actions:
+            self._do(action)
 
     def _look(self) -> object:
         """One observation of etcd for the current role."""
@@ -242,9 +261,9 @@ class Agent:
                     if confirmed is not None:
                         return decide.EtcdUnreachable(since=down, failsafe_at=confirmed)
                 return decide.RenewFailed(last_ok=self.machine.state.last_renew or sent)
-            except StoreError:   # etcd answered: the lease is gone
+            except StoreError:   # etcd answered: the lease is gone (lapsed or revoked)
                 self.etcd_down_since = None
-                return decide.RenewFailed(last_ok=self.machine.state.last_renew or sent)
+                return decide.LeaderVanished(epoch=self.machine.state.epoch)
             self.etcd_down_since = None
             if ttl > 0:
                 return decide.LeaseRenewed(at=sent)
@@ -255,7 +274,9 @@ class Agent:
             return decide.EtcdUnreachable(since=self._etcd_down(self.clock()))
         self.etcd_down_since = None
         if leader.name is None:
-            return decide.LeaderVanished(epoch=leader.epoch or None, revision=leader.revision)
+            forced_until, forced_to = self._forced()
+            return decide.LeaderVanished(epoch=leader.epoch or None, revision=leader.revision,
+                                         forced_until=forced_until, forced_to=forced_to)
         left = None
         if role in (decide.Role.STANDBY, decide.Role.STARTING) and leader.lease_id:
             try:
@@ -265,6 +286,63 @@ class Agent:
         return decide.LeaderSeen(holder=leader.name, epoch=leader.epoch, revision=leader.revision,
                                  lease_id=leader.lease_id, ttl_left=left[0] if left else None,
                                  ttl_granted=left[1] if left else None)
+
+    # -- the operator's control keys (resurrect pause/resume/switchover/failover) -------------
+    def _control(self, name: str) -> dict | None:
+        """One control key, or None. Never while etcd is known unreachable: three reads
+        timing out would delay the renewal past the fencing deadline."""
+        if self.etcd_down_since is not None:
+            return None
+        try:
+            raw = self.store.get_control(name)
+            return None if raw is None else parse_control_value(name, raw)
+        except StoreError as exc:
+            self._etcd_down(self.clock())
+            log.debug("control key %s unreadable: %s", name, exc)
+            return None
+        except ValueError as exc:
+            log.warning("control key %s ignored: %s", name, exc)
+            return None
+
+    def _forced(self) -> tuple[float | None, str | None]:
+        """A ``resurrect failover`` in progress: until when its revoked holder may still
+        speak (its request time + lease_ttl + clock_skew, on our monotonic clock)."""
+        req = self._control("failover")
+        if req is None:
+            return None, None
+        age = (self.wall() - req["requested_at"]) / 1e9
+        until = self.clock() - age + self.config.lease_ttl + self.config.clock_skew
+        return until, req.get("to")
+
+    def control_observations(self) -> list:
+        """Pause, resume and switchover requests, as observations for the role machine."""
+        st = self.machine.state
+        out: list = []
+        if self.etcd_down_since is not None:
+            return out
+        paused = self._control("pause") is not None
+        if self.etcd_down_since is not None:
+            return out
+        if paused != st.paused:
+            out.append(decide.Paused() if paused else decide.Resumed())
+        req = self._control("switchover")
+        if req is not None and req["to"] != st.switchover_to and req["epoch"] == st.epoch:
+            if st.role is not decide.Role.PRIMARY or req["from"] == self.config.host_name:
+                out.append(decide.SwitchoverRequested(req["to"]))
+        return out
+
+    def _after_acquiring(self, epoch: int, reason: str) -> None:
+        """The new primary consumes the requests that led here and writes the history."""
+        for name in ("switchover", "failover"):
+            try:
+                self.store.delete_control(name)
+            except StoreError:
+                pass
+        try:
+            self.store.append_history(epoch, history_value(
+                epoch=epoch, holder=self.config.host_name, acquired_at=self.wall(), reason=reason))
+        except (StoreError, ValueError) as exc:
+            log.warning("history of epoch %s not written: %s", epoch, exc)
 
     def _etcd_down(self, now: float) -> float:
         if self.etcd_down_since is None:
@@ -322,6 +400,24 @@ class Agent:
             self.stale_epochs.setdefault(answer.unprotected_epoch, self.wall())
         return {"ok": bool(answer and answer.ok), "host": self.config.host_name,
                 "reason": decision.reason}
+
+    def _pass_by_checkpoint(self, target: str) -> None:
+        """Switchover: the connections are isolated (nothing moves); write every one's
+        newest commit durably under our lease, so that the target, which takes the leader
+        key as soon as we release it, resurrects them exactly where they stand."""
+        t0 = self.clock()
+        with self.lock:
+            for c in self.conns.values():
+                c.last_written = 0.0
+        try:
+            written = self.commit_round()
+        except Exception as exc:   # the target then resurrects from the previous records
+            log.exception("switchover checkpoint failed")
+            self.note(f"switchover to {target}: final checkpoint failed ({exc}); the previous "
+                      "checkpoints stand")
+            return
+        self.note(f"switchover to {target}: checkpointed {written} isolated connections in "
+                  f"{(self.clock() - t0) * 1000:.1f} ms")
 
     def _release_gate(self, since: float) -> None:
         """Fail-safe past the grace: stop clamping ACKs. Each connection's record in etcd
@@ -420,6 +516,8 @@ class Agent:
                 vip.remove_vip(None, str(addr), action.interface)
         elif isinstance(action, decide.Resurrect):
             self._resurrect(action.epoch)
+        elif isinstance(action, decide.PassConnections):
+            self._pass_by_checkpoint(action.target)
         elif isinstance(action, decide.CheckpointAll):
             with self.lock:
                 for conn in self.conns.values():
@@ -561,19 +659,35 @@ class Agent:
             self.wake.notify_all()
 
     def _release(self, chan: socket.socket, key: str) -> None:
+        """The application closed the connection on purpose. Its record is deleted by the
+        committer, after any round that sealed it before the release: deleting it here
+        could let that round's write bring back a record of a closed connection, which a
+        later takeover would resurrect."""
         with self.lock:
             conn = self.conns.pop(key, None)
+            if conn is not None:
+                self._released.add(key)
         if conn is not None:
             if conn.guard is not None:
                 conn.guard.release()
                 conn.guard.remove()
-            if self.lease is not None:
-                try:
-                    self.store.delete(key, leader_lease=self.lease)
-                except StoreError:
-                    pass
             conn.sock.close()
         protocol.send(chan, "released", conn=key)
+        with self.wake:
+            self._queued = True
+            self.wake.notify_all()
+
+    def _delete_released(self) -> None:
+        with self.lock:
+            keys, self._released = self._released, set()
+        for i, key in enumerate(sorted(keys)):
+            try:
+                self.store.delete(key, leader_lease=self.lease)
+            except StoreError as exc:
+                log.warning("%s: record of a closed connection not deleted yet: %s", key, exc)
+                with self.lock:
+                    self._released.update(sorted(keys)[i:])
+                return
 
     # -- group commit ---------------------------------------------------------------------
     def _commit_loop(self) -> None:
@@ -640,6 +754,8 @@ class Agent:
                 self._durable(conn, c, now)
                 written += 1
         self.counters["checkpoints"] += written
+        if self._released:
+            self._delete_released()
         return written
 
     def _maybe_stop_after_write(self, part) -> None:

@@ -48,7 +48,7 @@ def passing_demo(connections: int, ipv6: bool, rate_mbps: float, as_json: bool) 
 @click.option("--duration", default=4.0, show_default=True, help="seconds of traffic per connection")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="draw the fail-over (bytes against time, events marked) into this PNG")
-@click.option("--fault", type=click.Choice(["crash", "mid-commit", "etcd-partition", "etcd-outage"]),
+@click.option("--fault", type=click.Choice(["crash", "mid-commit", "etcd-partition", "etcd-outage", "switchover"]),
               default="crash", show_default=True,
               help="crash: link down then kill; mid-commit: the same, between a durable etcd "
                    "write and the ACK gate's raise; etcd-partition: cut off from etcd, alive; "

@@ -172,8 +172,11 @@ class Cluster:
             f.write(new_key_line("k1") + "\n")
         return path
 
+    def config_path(self, host: str) -> Path:
+        return self.workdir / f"{host}.toml"
+
     def config(self, host: str, interface: str = "eth0") -> Path:
-        path = self.workdir / f"{host}.toml"
+        path = self.config_path(host)
         vips = [self.topo.vip4]
         path.write_text(f"""
 [cluster]

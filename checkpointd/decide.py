@@ -98,10 +98,16 @@ class LeaderSeen:
 @dataclass(frozen=True)
 class LeaderVanished:
     """No leader key (deleted, or its lease expired). ``epoch``: the epoch of the leader
-    that held it last (from the persistent epoch counter), None if there never was one."""
+    that held it last (from the persistent epoch counter), None if there never was one.
+
+    ``forced_until``: an operator revoked the leader's lease (``resurrect failover``) and
+    its holder, if alive and slow to notice, may still speak until then (monotonic);
+    ``forced_to``: the host the operator named to take over, if any."""
 
     epoch: int | None = None
     revision: int = 0
+    forced_until: float | None = None
+    forced_to: str | None = None
 
 
 @dataclass(frozen=True)
@@ -463,6 +469,16 @@ def _leader_free(state: HAState, obs: LeaderVanished, now: float, config: Config
             f"the leader key is free but reserved for the switchover to {state.switchover_to} "
             f"for {_s(state.switchover_at + config.lease_ttl - now)} more: standing by"),
             role=Role.STANDBY, epoch=known, holder=None)
+    if obs.forced_until is not None and now < obs.forced_until:
+        return _decide(state, now, config, (
+            f"the leader's lease was revoked by an operator: its holder may still speak for "
+            f"{_s(obs.forced_until - now)}; standing by until then"),
+            role=Role.STANDBY, epoch=known, holder=None, etcd_down_since=None)
+    if obs.forced_to not in (None, me) and obs.forced_until is not None:
+        return _decide(state, now, config, (
+            f"no leader: the operator's fail-over names {obs.forced_to}; standing by"),
+            role=Role.STANDBY, epoch=known, holder=None, etcd_down_since=None)
+    to_me = to_me or obs.forced_to == me
     if _promised(state, now):
         return _decide(state, now, config, (
             f"no leader, but this host promised (fail-safe) not to take the leader key for "

@@ -2,14 +2,17 @@
 
 Topology: peer, host A (primary), host B (standby), etcd, each a network namespace on one
 bridge (kernel/topology.py). Both hosts run the agent and the same two applications:
-``checkpointd.apps.httpstream`` (a deterministic HTTP download, fetched by **curl**) and
+``checkpointd.apps.httpstream`` (a deterministic HTTP download, fetched by **curl**, or
+for more than FETCH_ABOVE downloads by ``peers/http_fetch.py``, one process fetching them
+all like so many curls) and
 ``checkpointd.apps.kv`` (a stateful line protocol, driven by ``peers/kv_client.py``, a
 plain socket program). At a random moment (seeded) A crashes honestly: its link goes
 down first, then its processes are killed by PID. B's agent sees the lease lapse,
 takes the virtual IP, resurrects every connection and hands them to its applications.
 Every downloaded byte is compared with the generator; every KV reply with the client's
 model. Timings come from the agents' event timelines (CLOCK_MONOTONIC, shared by all
-processes of the machine) and from the download files' growth, sampled every 5 ms.
+processes of the machine) and from the download files' growth, sampled every 5 ms (less
+often for many files: ``Sampler.period_for``).
 """
 
 from __future__ import annotations
@@ -31,16 +34,24 @@ from kernel.topology import Topology
 from .cluster import ROOT, Cluster, wait_for
 
 HTTP_PORT, KV_PORT = 8080, 7070
+FETCH_ABOVE = 50       # more downloads than this: one http_fetch.py process, not one curl each
 
 
 class Sampler(threading.Thread):
     """Sizes of the download files over time: the drill's view of what the peers got."""
 
-    def __init__(self, files: list[Path], period: float = 0.005):
+    def __init__(self, files: list[Path], period: float | None = None):
         super().__init__(daemon=True)
-        self.files, self.period = files, period
+        self.files = files
+        self.period = self.period_for(len(files)) if period is None else period
         self.samples: list[tuple[float, list[int]]] = []
         self.stop = threading.Event()
+
+    @staticmethod
+    def period_for(n_files: int) -> float:
+        """Every period stats every file (~3 us each in Python): 5 ms up to 100 files, then
+        50 us per file (25 ms at 500), so the sampler costs ~10 % of a core at most."""
+        return max(0.005, 50e-6 * n_files)
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -81,13 +92,13 @@ def _event_time(status: dict | None, needle: str, after: float) -> float | None:
     return None
 
 
-FAULTS = ("crash", "mid-commit", "etcd-partition", "etcd-outage")
+FAULTS = ("crash", "mid-commit", "etcd-partition", "etcd-outage", "switchover")
 
 
 def run(connections: int = 20, *, seed: int = 1, lease_ttl: float = 1.0, http_rate: int = 2_000_000,
         duration: float = 4.0, kill_window: tuple[float, float] = (0.8, 2.0), plot: str | None = None,
         progress=lambda msg: None, fault: str = "crash", pcap: str | None = None,
-        keep: str | None = None, outage_s: float = 2.5) -> dict:
+        keep: str | None = None, outage_s: float = 2.5, kv_rate: float | None = None) -> dict:
     """One drill. ``fault``: "crash" (A's link down, then its processes killed),
     "mid-commit" (the same crash, at the moment A's checkpoints are durable in etcd but
     their ACK gates not yet raised: the peers' snd_una is one commit behind the records) or
@@ -96,9 +107,14 @@ def run(connections: int = 20, *, seed: int = 1, lease_ttl: float = 1.0, http_ra
     three-member cluster; two members are killed, so it has no quorum for
     ``outage_s``; fail-safe: A asks B, B cannot reach etcd either, so A keeps serving and
     releases the ACK gate after the grace; the members come back, A re-protects its
-    connections, and only then does A crash). ``pcap``: capture the
+    connections, and only then does A crash) or "switchover" (no fault: the operator's
+    ``resurrect switchover --to b``; A isolates its connections, checkpoints them and
+    releases the leader key, B takes it at once and resurrects them). ``pcap``: capture the
     peer's side of every connection (tcpdump, headers only) into this file. ``keep``: copy
-    every process's log and the agents' last status into this directory at the end."""
+    every process's log and the agents' last status into this directory at the end.
+    ``kv_rate``: requests per second per KV connection (None: kv_client.py's default).
+    More than FETCH_ABOVE downloads are fetched by one ``peers/http_fetch.py`` process
+    instead of one curl each; the result has the same fields either way."""
     if fault not in FAULTS:
         raise ValueError(f"fault must be one of {FAULTS}")
     rng = random.Random(seed)
@@ -123,21 +139,27 @@ def run(connections: int = 20, *, seed: int = 1, lease_ttl: float = 1.0, http_ra
             length = int(http_rate * duration)
             files = [work / f"download-{i}.bin" for i in range(n_http)]
             seeds = [rng.randrange(1 << 30) for _ in range(n_http)]
-            curls = [cluster.spawn(topo.peer, f"curl-{i}", [
-                "curl", "-sS", "--max-time", str(int(duration * 4 + 30)), "-o", str(files[i]),
-                f"http://{topo.vip4}:{HTTP_PORT}/stream?len={length}&seed={seeds[i]}&rate={http_rate}"])
-                for i in range(n_http)]
+            urls = [f"http://{topo.vip4}:{HTTP_PORT}/stream?len={length}&seed={seeds[i]}&rate={http_rate}"
+                    for i in range(n_http)]
+            max_time = int(duration * 4 + 30 + (n_http * 0.02 if n_http > FETCH_ABOVE else 0))
+            if n_http > FETCH_ABOVE:
+                fetchers = [_spawn_fetch(cluster, topo.peer, work, urls, files, max_time)]
+            else:
+                fetchers = [cluster.spawn(topo.peer, f"curl-{i}", [
+                    "curl", "-sS", "--max-time", str(max_time), "-o", str(files[i]), urls[i]])
+                    for i in range(n_http)]
             kv_report = work / "kv.json"
             kv = None
             if n_kv:
                 kv = cluster.spawn(topo.peer, "kv-client", [
                     sys.executable, str(ROOT / "peers" / "kv_client.py"), "--connect",
                     f"{topo.vip4}:{KV_PORT}", "--connections", str(n_kv), "--seconds", str(duration),
-                    "--seed", str(seed), "--json"], stdout=open(kv_report, "wb"))
+                    "--seed", str(seed), "--json",
+                    *(["--rate", f"{kv_rate:g}"] if kv_rate else [])], stdout=open(kv_report, "wb"))
             sampler = Sampler(files)
             sampler.start()
-            wait_for(lambda: all(f.exists() and f.stat().st_size > 0 for f in files), 20,
-                     "downloads flowing")
+            wait_for(lambda: all(f.exists() and f.stat().st_size > 0 for f in files),
+                     20 + 0.02 * connections, "downloads flowing", 0.02 if n_http <= FETCH_ABOVE else 0.1)
             delay = rng.uniform(*kill_window)
             progress(f"{connections} connections flowing; crashing host a in {delay:.2f} s")
             time.sleep(delay)
@@ -154,6 +176,12 @@ def run(connections: int = 20, *, seed: int = 1, lease_ttl: float = 1.0, http_ra
                 for proc in [agent_a, *apps_a]:
                     proc.kill()
                 progress("host a crashed; waiting for b to take over")
+            elif fault == "switchover":
+                # the operator's command, as an operator runs it (from host a)
+                netns.run(topo.origin, [sys.executable, "-m", "resurrect.cli", "--config",
+                                        str(cluster.config_path("a")), "switchover", "--to", "b", "-y"])
+                killed = time.monotonic()   # the request is in etcd (the command has returned)
+                progress("switchover to b requested (resurrect switchover --to b)")
             else:
                 etcd_ip = cluster.etcd_host.ipv4
                 netns.run(topo.origin, ["nft", "-f", "-"], input=(
@@ -166,10 +194,10 @@ def run(connections: int = 20, *, seed: int = 1, lease_ttl: float = 1.0, http_ra
             wait_for(lambda: (cluster.status("b") or {}).get("last_resurrection"), 30, "resurrection")
             status_b = cluster.status("b")
             progress(f"b is primary: {status_b['last_resurrection']}")
-            for c in curls:
-                c.popen.wait(timeout=duration * 4 + 60)
+            for c in fetchers:
+                c.popen.wait(timeout=max_time + 30)
             if kv is not None:
-                kv.popen.wait(timeout=duration * 4 + 60)
+                kv.popen.wait(timeout=duration * 4 + 60 + 0.05 * n_kv)
             sampler.stop.set()
             status_b = cluster.status("b")
             status_a = cluster.status("a")
@@ -183,7 +211,8 @@ def run(connections: int = 20, *, seed: int = 1, lease_ttl: float = 1.0, http_ra
             cluster.stop_all()
             if keep:
                 _keep(work, Path(keep))
-        result = _verify(files, seeds, length, curls, kv_report if n_kv else None)
+        result = _verify(files, seeds, length, _outcomes(fetchers, n_http, work),
+                         kv_report if n_kv else None)
         detection = _event_time(status_b, "promoting", killed)
         takeover = _event_time(status_b, "took virtual IPs", killed)
         res = status_b.get("last_resurrection") or {}
@@ -268,13 +297,47 @@ def _start_apps(cluster: Cluster, ns: str, host: str, vip: str) -> list:
     return procs
 
 
-def _verify(files, seeds, length, curls, kv_report) -> dict:
+def _spawn_fetch(cluster: Cluster, ns: str, work: Path, urls: list[str], files: list[Path],
+                 max_time: int):
+    """One ``peers/http_fetch.py`` for every download: the same URLs and files as the curls."""
+    url_file = work / "urls.txt"
+    url_file.write_text("".join(u + "\n" for u in urls))
+    assert all(f == work / f"download-{i}.bin" for i, f in enumerate(files))
+    return cluster.spawn(ns, "http-fetch", [
+        sys.executable, str(ROOT / "peers" / "http_fetch.py"), "--url-file", str(url_file),
+        "--output", str(work / "download-{i}.bin"), "--connect-timeout", "30",
+        "--max-time", str(max_time), "--json"], stdout=open(work / "http.json", "wb"))
+
+
+def _outcomes(fetchers: list, n: int, work: Path) -> list[tuple[int | None, str]]:
+    """(exit code as curl would give it, what the client said) per download: a curl's
+    own, or the entry of http_fetch.py's report."""
+    if len(fetchers) == n and all(p.name.startswith("curl-") for p in fetchers):
+        return [(c.popen.returncode, c.tail(2)) for c in fetchers]
+    proc = fetchers[0]
+    try:
+        rep = json.loads((work / "http.json").read_text().strip().splitlines()[-1])
+        by_index = {d["i"]: d for d in rep["downloads"]}
+    except (OSError, ValueError, IndexError, KeyError, TypeError):
+        rc = proc.popen.returncode
+        return [(rc if rc else -1, f"http_fetch.py gave no report (exit {rc}): {proc.tail(2)}")] * n
+    out = []
+    for i in range(n):
+        d = by_index.get(i)
+        if d is None:
+            out.append((-1, f"http_fetch.py did not report download {i}"))
+        else:
+            out.append((d["rc"], d["error"] or ""))
+    return out
+
+
+def _verify(files, seeds, length, outcomes, kv_report) -> dict:
     from .apps import httpstream
 
     verified = lost = dup = 0
     resets = 0
     problems: list[dict] = []
-    for f, s, c in zip(files, seeds, curls):
+    for f, s, (rc, said) in zip(files, seeds, outcomes):
         data = f.read_bytes() if f.exists() else b""
         want = httpstream.body(s, 0, length)
         same = _common_prefix(data, want)
@@ -285,12 +348,11 @@ def _verify(files, seeds, length, curls, kv_report) -> dict:
             dup += len(data) - length
         if same < min(len(data), length):
             lost += min(len(data), length) - same  # bytes that differ: counted as lost
-        if c.popen.returncode not in (0, None):
+        if rc not in (0, None):
             resets += 1
-        if same != length or len(data) != length or c.popen.returncode:
+        if same != length or len(data) != length or rc:
             problems.append({"download": f.name, "received": len(data), "expected": length,
-                             "first_difference": same, "curl_rc": c.popen.returncode,
-                             "curl_said": c.tail(2)})
+                             "first_difference": same, "curl_rc": rc, "curl_said": said})
     out = {"http_connections": len(files), "bytes_verified": verified, "lost_bytes": lost,
            "duplicated_bytes": dup, "resets": resets, "http_problems": problems}
     if kv_report is not None:
