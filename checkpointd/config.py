@@ -78,6 +78,10 @@ Rules checked at load (timings in seconds; names as above, section omitted)::
         every path: absolute; api.listen: empty, or host:port where host is an IPv4
         address, a host name or a bracketed IPv6 address and port is 0-65535 (0: any
         free port, logged at start); log.format: text or json
+    R11 with api.partners: renew_interval + 3*retry_timeout + 0.1 <= lease_ttl - fence_margin
+            fail-safe must fit before the fencing deadline: a renewal that times out, then
+            the question to the partner, which may first try etcd itself (one more
+            retry_timeout), plus 0.1 s for the round trip and scheduling.
 """
 
 from __future__ import annotations
@@ -338,6 +342,12 @@ def _check_rules(c: Config) -> None:
             f"{c.fence_margin:g} s leaves {c.lease_ttl - c.fence_margin:g} s before the fencing "
             f"deadline, less than renew_interval + 2*retry_timeout = {attempts:g} s: "
             "one slow etcd request would make the primary fence"))
+    failsafe = c.renew_interval + 3 * c.retry_timeout + 0.1
+    if c.api_partners and failsafe > c.lease_ttl - c.fence_margin:
+        raise ConfigError("api.partners", (
+            f"fail-safe needs renew_interval + 3*retry_timeout + 0.1 = {failsafe:g} s before the "
+            f"fencing deadline, but lease_ttl - fence_margin is {c.lease_ttl - c.fence_margin:g} s: "
+            "raise timing.lease_ttl or lower timing.retry_timeout, or leave api.partners empty"))
     if not c.checkpoint_interval < c.msl / 2:
         raise ConfigError("timing.checkpoint_interval", (
             f"{c.checkpoint_interval:g} s must be below msl/2 = {c.msl / 2:g} s"))

@@ -123,6 +123,8 @@ def run(connections: int = 20, *, seed: int = 1, lease_ttl: float = 1.0, http_ra
     members = ("etcd1", "etcd2", "etcd3") if fault == "etcd-outage" else ("etcd1",)
     with Topology.create(extra=members) as topo, tempfile.TemporaryDirectory(prefix="tcpcp-drill-") as d:
         work = Path(d)
+        if fault == "etcd-outage":
+            lease_ttl = max(lease_ttl, 2.0)   # fail-safe needs room before the deadline (R11)
         cluster = Cluster(topo, work, lease_ttl=lease_ttl,
                           unprotected_grace=1.0 if fault == "etcd-outage" else 10.0)
         outage = None

@@ -91,7 +91,8 @@ class Session:
         self.latencies = []
 
     def error(self, text):
-        self.stats.setdefault("error", text)
+        where = getattr(self, "where", None)
+        self.stats.setdefault("error", "%s (%s)" % (text, where) if where else text)
 
     def run(self):
         host, _, port = self.args.connect.rpartition(":")
@@ -101,6 +102,10 @@ class Session:
             self.error("connect: %s" % exc)
             return self.stats
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            self.where = "local port %d" % self.sock.getsockname()[1]
+        except OSError:
+            pass
         if self.args.closed_loop:
             self.closed_loop()
             self.sock.close()

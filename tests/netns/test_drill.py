@@ -42,7 +42,7 @@ def test_etcd_without_quorum_fail_safe_then_crash_loses_nothing():
     cannot reach etcd either, so the primary keeps serving (never fenced) and releases the
     ACK gate after the 1 s grace; quorum returns, it re-protects its connections, and a
     crash after that is survived with nothing lost."""
-    result = drill.run(10, seed=41, duration=9.0, fault="etcd-outage")
+    result = drill.run(10, seed=41, duration=11.0, fault="etcd-outage")
     assert result["a_roles_during_outage"] == ["primary"], result
     assert result["a_unprotected_during_outage"], result
     assert result["resurrected"] == 10 and result["refused"] == 0, result

@@ -398,3 +398,19 @@ def test_parse_listen():
     assert cfg.parse_listen("[2001:DB8::1]:80") == ("2001:db8::1", 80)
     with pytest.raises(ValueError):
         cfg.parse_listen("::1:8008")
+
+
+def test_fail_safe_must_fit_before_the_fencing_deadline():
+    """R11: with partners, a timed-out renewal and the partner's own etcd attempt must
+    both fit before lease_ttl - fence_margin."""
+    with pytest.raises(ConfigError) as err:
+        from_mapping(mapping(api={"partners": ["http://10.0.0.2:8008"]},
+                             timing={"lease_ttl": 1, "renew_interval": 0.1, "retry_timeout": 0.25,
+                                     "fence_margin": 0.3, "checkpoint_interval": 5,
+                                     "commit_interval": 0.005}), env={})
+    assert err.value.field == "api.partners"
+    ok = from_mapping(mapping(api={"partners": ["http://10.0.0.2:8008"]},
+                              timing={"lease_ttl": 2, "renew_interval": 0.1, "retry_timeout": 0.25,
+                                      "fence_margin": 0.3, "checkpoint_interval": 5,
+                                      "commit_interval": 0.005}), env={})
+    assert ok.api_partners == ("http://10.0.0.2:8008",)
