@@ -10,6 +10,7 @@ Needs root (namespaces tcpcp-*, its own etcd).
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -37,6 +38,27 @@ def kv_rate(n: int) -> float | None:
     return None if n <= 100 or not n_kv else max(1.0, KV_TOTAL / n_kv)
 
 
+def duration(n: int, at_least: float) -> float:
+    """Seconds of traffic per connection: hundreds of connections take seconds to start
+    and to have their first checkpoint durable, and every one must still be running when
+    the primary crashes (12 s at 1000)."""
+    return max(at_least, 4.0 + 0.008 * n)
+
+
+def _resurrection(events: list[str]) -> dict:
+    """probe/restore/activate ms and the records' preparation time from b's timeline."""
+    out = {}
+    for text in events:
+        m = re.match(r"resurrected \d+ connections .*: probe ([\d.]+) ms, restore ([\d.]+) ms, "
+                     r"activate ([\d.]+) ms", text)
+        if m:
+            out.update(probe_ms=float(m[1]), restore_only_ms=float(m[2]), activate_ms=float(m[3]))
+        m = re.match(r"prepared \d+ connections .* in ([\d.]+) ms", text)
+        if m:
+            out["prepare_ms"] = float(m[1])
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--connections", type=int, nargs="+", default=[1, 20, 100])
@@ -48,12 +70,16 @@ def main(argv=None) -> int:
     raise_fd_limit()
     rows = []
     for n in args.connections:
-        r = drill.run(n, seed=args.seed, lease_ttl=args.lease_ttl, duration=args.duration,
+        r = drill.run(n, seed=args.seed, lease_ttl=args.lease_ttl, duration=duration(n, args.duration),
                       http_rate=http_rate(n), kv_rate=kv_rate(n))
         rows.append({k: r.get(k) for k in (
             "connections", "resurrected", "bytes_verified", "lost_bytes", "duplicated_bytes",
-            "resets", "max_gap_ms", "detection_ms", "takeover_ms", "restore_ms", "lease_ttl_s")})
+            "resets", "max_gap_ms", "http_max_gap_ms", "kv_max_gap_ms", "detection_ms",
+            "takeover_ms", "restore_ms", "resumed_ms", "lease_ttl_s")})
         rows[-1]["target_max_gap_ms"] = args.lease_ttl * 1000 + 700
+        rows[-1].update(_resurrection(r.get("events_b", [])), http_rate=http_rate(n), kv_rate=kv_rate(n),
+                        duration_s=duration(n, args.duration),
+                        http_problems=len(r.get("http_problems", [])), kv_ok=(r.get("kv") or {}).get("ok"))
         print(json.dumps(rows[-1]) if args.json else rows[-1], flush=True)
     ok = all(r["lost_bytes"] == 0 and r["duplicated_bytes"] == 0 and r["resets"] == 0
              and r["resurrected"] == r["connections"] for r in rows)

@@ -162,6 +162,10 @@ def run(connections: int = 20, *, seed: int = 1, lease_ttl: float = 1.0, http_ra
             sampler.start()
             wait_for(lambda: all(f.exists() and f.stat().st_size > 0 for f in files),
                      20 + 0.02 * connections, "downloads flowing", 0.02 if n_http <= FETCH_ABOVE else 0.1)
+            # every connection has a durable record before the fault (with hundreds of
+            # connections starting at once, the first records take a while)
+            wait_for(lambda: _records(cluster) >= connections, 10 + 0.02 * connections,
+                     f"{connections} checkpoint records in etcd", 0.05)
             delay = rng.uniform(*kill_window)
             progress(f"{connections} connections flowing; crashing host a in {delay:.2f} s")
             time.sleep(delay)
@@ -297,6 +301,24 @@ def _start_apps(cluster: Cluster, ns: str, host: str, vip: str) -> list:
         return all(f":{port} " in out for port in (HTTP_PORT, KV_PORT))
     wait_for(listening, 20, f"applications listening on {host}", 0.05)
     return procs
+
+
+def _records(cluster: Cluster) -> int:
+    """How many connection records etcd holds (asked from the peer's namespace)."""
+    import base64
+    import urllib.request
+
+    from .store.layout import Layout
+    start = Layout("drill").conn_range().encode()
+    end = start[:-1] + bytes([start[-1] + 1])
+    body = json.dumps({"key": base64.b64encode(start).decode(), "count_only": True,
+                       "range_end": base64.b64encode(end).decode()}).encode()
+    with netns.enter(cluster.topo.peer):
+        try:
+            with urllib.request.urlopen(cluster.endpoint + "/v3/kv/range", body, timeout=1) as r:
+                return int(json.load(r).get("count", 0))
+        except (OSError, ValueError):
+            return 0
 
 
 def _spawn_fetch(cluster: Cluster, ns: str, work: Path, urls: list[str], files: list[Path],

@@ -162,7 +162,8 @@ class HttpStream(Server):
                 budget = burst + int((time.monotonic() - t0) * rate) - (p.write - w0)
                 least = min(MIN_SEND, n)  # no dribble of 4-byte segments between ticks
                 if budget < least:
-                    time.sleep(min(0.02, (least - budget) / rate + 0.001))
+                    # until the budget allows a send (stop and abandon interrupt it)
+                    self.pause((least - budget) / rate + 0.001)
                     continue
                 n = min(n, budget)
             data = response(st, pos, n)

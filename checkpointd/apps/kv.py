@@ -16,7 +16,9 @@ Why its output is logged: a reply cannot be regenerated once the state has moved
 the connection registers with ``regenerable=False`` and the library keeps a copy of the
 replies the peer has not acknowledged, sent along with each commit. After each batch of
 requests (all the complete lines one ``recv`` brought) it writes the replies, then
-commits (state, I = bytes of complete requests consumed, O = W). After a fail-over the
+commits (state, I = every byte read, O = W); the state carries the unfinished request
+line, so that the ACK gate never waits for a request the peer will only finish once its
+beginning is acknowledged. After a fail-over the
 standby's copy loads the state, reads again from I (the peer resends everything after I:
 the ACK gate never acknowledged it), and regenerates the replies; the library drops the
 first D of them (the peer has them) and the agent resent the unacknowledged ones.
@@ -61,15 +63,24 @@ def apply(store: dict, line: str) -> str:
     return "ERR bad request"
 
 
-def encode_state(store: dict, requests: int) -> bytes:
-    return json.dumps({"kv": store, "n": requests}, separators=(",", ":")).encode()
+def encode_state(store: dict, requests: int, partial: bytes = b"") -> bytes:
+    st = {"kv": store, "n": requests}
+    if partial:
+        st["partial"] = partial.decode("latin-1")
+    return json.dumps(st, separators=(",", ":")).encode()
 
 
 def decode_state(state: bytes) -> tuple[dict, int]:
+    store, requests, _ = decode_full_state(state)
+    return store, requests
+
+
+def decode_full_state(state: bytes) -> tuple[dict, int, bytes]:
+    """(store, requests answered, the unfinished request line read so far)."""
     if not state:
-        return {}, 0
+        return {}, 0, b""
     st = json.loads(state)
-    return dict(st["kv"]), int(st["n"])
+    return dict(st["kv"]), int(st["n"]), st.get("partial", "").encode("latin-1")
 
 
 class KV(Server):
@@ -79,15 +90,23 @@ class KV(Server):
     regenerable = False
 
     def serve_conn(self, p) -> None:
-        store, requests = decode_state(p.state)
+        """Every byte read is committed, the unfinished request line with the state.
+
+        Committing only at request boundaries can deadlock with the ACK gate: a peer in
+        loss recovery sends one segment and waits for its ACK; if that segment ends inside
+        a request, the gate holds the ACK below it (not committed) while the application
+        waits for the rest of the request (never sent). Seen in drills as a peer
+        retransmitting the same byte with backoff for a minute."""
+        store, requests, partial = decode_full_state(p.state)
         consumed, out = p.input, p.output     # the state's offsets: I and O
-        buf = bytearray()
+        buf = bytearray(partial)
         while True:
-            self.wait_readable(p, quiescent=not buf)
+            self.wait_readable(p, quiescent=True)
             data = p.recv(65536)
             if not data:
                 break
             buf += data
+            consumed += len(data)
             replies = []
             start = 0
             while (nl := buf.find(b"\n", start)) >= 0:
@@ -96,14 +115,13 @@ class KV(Server):
                 start = nl + 1
             if start:
                 del buf[:start]
-                consumed += start
                 requests += len(replies)
                 data = "".join(replies).encode()
                 p.sendall(data)
                 out += len(data)
-                p.commit(encode_state(store, requests), input=consumed, output=out)
             if len(buf) > MAX_LINE:
                 raise ValueError(f"request line longer than {MAX_LINE} bytes")
+            p.commit(encode_state(store, requests, bytes(buf)), input=consumed, output=out)
         self.finish(p)
 
 
