@@ -184,9 +184,12 @@ def run(connections: int = 20, *, seed: int = 1, lease_ttl: float = 1.0, http_ra
                 progress("host a crashed; waiting for b to take over")
             elif fault == "switchover":
                 # the operator's command, as an operator runs it (from host a)
+                asked = time.monotonic()
                 netns.run(topo.origin, [sys.executable, "-m", "resurrect.cli", "--config",
                                         str(cluster.config_path("a")), "switchover", "--to", "b", "-y"])
-                killed = time.monotonic()   # the request is in etcd (the command has returned)
+                # the peers' pause starts when a isolates its connections
+                killed = wait_for(lambda: _event_time(cluster.status("a"), "switching over to b", asked),
+                                  10, "a switching over")
                 progress("switchover to b requested (resurrect switchover --to b)")
             else:
                 etcd_ip = cluster.etcd_host.ipv4

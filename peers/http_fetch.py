@@ -23,7 +23,8 @@ once they are all there). Exit status 0 only when every download succeeded; 1 ot
 ``file``, ``status``, ``content_length``, ``bytes``, ``reset``, ``error`` (None when it
 succeeded), ``rc`` (the exit code curl would have given: 0 ok, 7 connect failed, 8 bad
 reply, 18 partial body, 22 HTTP error status, 28 timeout, 56 receive failure or reset) and
-``ms`` (from the start of its connect to its end).
+``ms`` (from the start of its connect to its end), ``first_byte_ms`` (to its first body
+byte).
 """
 
 import argparse
@@ -70,7 +71,7 @@ class Download:
         self.reset = False
         self.error = None
         self.rc = None
-        self.started = self.ended = None
+        self.started = self.ended = self.first_byte = None
         self.sent = 0
 
     # -- outcome ----------------------------------------------------------------------------
@@ -98,7 +99,9 @@ class Download:
                 "content_length": self.content_length, "bytes": self.received,
                 "reset": self.reset, "error": self.error, "rc": self.rc,
                 "ms": round((self.ended - self.started) * 1000, 1)
-                if self.started is not None and self.ended is not None else None}
+                if self.started is not None and self.ended is not None else None,
+                "first_byte_ms": round((self.first_byte - self.started) * 1000, 1)
+                if self.first_byte is not None else None}
 
     # -- the response -----------------------------------------------------------------------
     def write_body(self, data):
@@ -106,6 +109,7 @@ class Download:
             return
         if self.fd is None:
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self.first_byte = time.monotonic()
         view = memoryview(data)
         while view:
             n = os.write(self.fd, view)

@@ -2,12 +2,16 @@
 the namespace helpers everything else relies on (enter, run, sysctl)."""
 
 import errno
+import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -263,9 +267,24 @@ def test_run_and_popen_execute_inside_and_report_stderr(topology):
 
 
 def test_without_root_errors_say_what_privilege_is_missing(topology):
-    """Run as nobody: creating hosts, entering one and announcing are refused clearly."""
+    """Run as nobody: creating hosts, entering one and announcing are refused clearly.
+
+    nobody may not be able to read the checkout (a fresh clone in a 0700 directory), so
+    the child imports world-readable copies of ``kernel`` and ``pyroute2``."""
+    import pyroute2
+    readable = tempfile.mkdtemp(prefix="tcpcp-nobody-")
+    os.chmod(readable, 0o755)
+    shutil.copytree(Path(__file__).resolve().parents[2] / "kernel", Path(readable) / "kernel")
+    shutil.copytree(Path(pyroute2.__file__).parent, Path(readable) / "pyroute2")
+    for root, dirs, files in os.walk(readable):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o755)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o644)
     code = f"""
 import sys
+import tempfile
+sys.path.insert(0, {readable!r})
 from kernel import netns, vip
 from kernel.topology import Topology
 for what, call in [("create", lambda: Topology.create()),
@@ -277,9 +296,12 @@ for what, call in [("create", lambda: Topology.create()),
     except PermissionError as e:
         print(what, "PermissionError", e)
 """
-    done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                           sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60, cwd="/")
+    try:
+        done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                               sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=60, cwd="/")
+    finally:
+        shutil.rmtree(readable, ignore_errors=True)
     lines = dict(line.split(" ", 1) for line in done.stdout.splitlines())
     assert set(lines) == {"create", "enter", "announce"}, done.stdout + done.stderr
     assert all(v.startswith("PermissionError") for v in lines.values()), lines
