@@ -37,7 +37,7 @@ from .conns import Registration, checkpoint_ici
 from .store import record as records
 from .store.base import CheckpointStore, Lease
 from .store.base import history_value, parse_control_value
-from .store.errors import StoreError, StoreUnavailable
+from .store.errors import NotLeader, StoreError
 from .store.keyring import Keyring
 from .store.layout import Layout
 
@@ -254,16 +254,16 @@ class Agent:
             sent = self.clock()
             try:
                 ttl = self.store.renew(self.lease)
-            except StoreUnavailable:
+            except NotLeader:   # etcd answered: the lease is gone (lapsed or revoked)
+                self.etcd_down_since = None
+                return decide.LeaderVanished(epoch=self.machine.state.epoch)
+            except StoreError:  # no answer, or an error that says nothing of the lease
                 down = self._etcd_down(sent)
                 if role is decide.Role.PRIMARY:
                     confirmed = self._ask_failsafe()
                     if confirmed is not None:
                         return decide.EtcdUnreachable(since=down, failsafe_at=confirmed)
                 return decide.RenewFailed(last_ok=self.machine.state.last_renew or sent)
-            except StoreError:   # etcd answered: the lease is gone (lapsed or revoked)
-                self.etcd_down_since = None
-                return decide.LeaderVanished(epoch=self.machine.state.epoch)
             self.etcd_down_since = None
             if ttl > 0:
                 return decide.LeaseRenewed(at=sent)
@@ -678,15 +678,16 @@ class Agent:
             self.wake.notify_all()
 
     def _delete_released(self) -> None:
+        """Records of released connections, BATCH per fenced transaction."""
         with self.lock:
-            keys, self._released = self._released, set()
-        for i, key in enumerate(sorted(keys)):
+            keys, self._released = sorted(self._released), set()
+        for i in range(0, len(keys), BATCH):
             try:
-                self.store.delete(key, leader_lease=self.lease)
+                self.store.delete_many(keys[i:i + BATCH], leader_lease=self.lease)
             except StoreError as exc:
-                log.warning("%s: record of a closed connection not deleted yet: %s", key, exc)
+                log.warning("%d records of closed connections not deleted yet: %s", len(keys) - i, exc)
                 with self.lock:
-                    self._released.update(sorted(keys)[i:])
+                    self._released.update(keys[i:])
                 return
 
     # -- group commit ---------------------------------------------------------------------

@@ -15,7 +15,9 @@ applied twice, or a reply lost, repeated or corrupted, makes a mismatch. Two mod
 At the end each connection waits for its missing replies, half-closes, and expects a
 clean end of stream. Prints one JSON object (``--json``) or a dict: connections, requests,
 replies_verified, bytes_verified, mismatches, missing_replies, resets, errors,
-max_gap_ms (longest wait for the next reply while replies were owed), ok. Exit status 0
+max_gap_ms (longest wait for the next reply while replies were owed; max_gap_port and
+max_gap_end say which connection, by local port, and when it ended, CLOCK_MONOTONIC),
+ok. Exit status 0
 only when every request got its expected reply.
 
     python3 peers/kv_client.py --connect HOST:PORT --connections N --seconds S --seed X --json
@@ -86,9 +88,12 @@ class Session:
                       "resets": 0, "max_gap_ms": 0.0, "missing_replies": 0}
         self.expected = collections.deque()   # replies owed, oldest first
         self.lock = threading.Lock()
+        self.answered = threading.Condition(self.lock)   # no reply owed any more, or EOF
         self.progress = None   # when the oldest owed reply became due, or the last reply came
         self.eof = threading.Event()
         self.latencies = []
+        self.gap_end = None
+        self.where = None
 
     def error(self, text):
         where = getattr(self, "where", None)
@@ -118,12 +123,10 @@ class Session:
             self.stats["resets"] += 1
         except OSError as exc:
             self.error("send: %s" % exc)
-        deadline = time.monotonic() + self.args.drain
-        while time.monotonic() < deadline and not self.eof.is_set():
-            with self.lock:
-                if not self.expected:
-                    break
-            time.sleep(0.005)
+        # wait for the owed replies without polling: hundreds of sessions polling every
+        # few ms starve a small machine exactly when the replies are late
+        with self.answered:
+            self.answered.wait_for(lambda: not self.expected or self.eof.is_set(), self.args.drain)
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -168,7 +171,9 @@ class Session:
     def gap(self, now):
         """Record the wait since the last progress if replies are owed (lock held)."""
         if self.expected and self.progress is not None:
-            self.stats["max_gap_ms"] = max(self.stats["max_gap_ms"], (now - self.progress) * 1000)
+            gap = (now - self.progress) * 1000
+            if gap > self.stats["max_gap_ms"]:
+                self.stats["max_gap_ms"], self.gap_end = gap, now
 
     def check(self, line, want):
         text = line.decode("ascii", "replace")
@@ -197,6 +202,8 @@ class Session:
                         self.gap(now)
                         want = self.expected.popleft() if self.expected else None
                         self.progress = now
+                        if not self.expected:
+                            self.answered.notify_all()
                     self.check(line, want)
         except socket.timeout:
             self.error("no reply for %s s" % self.args.timeout)
@@ -206,6 +213,8 @@ class Session:
             self.error("recv: %s" % exc)
         finally:
             self.eof.set()
+            with self.lock:
+                self.answered.notify_all()
 
     def closed_loop(self):
         gen = requests(self.rng, self.args.keys)
@@ -275,6 +284,10 @@ def main(argv=None):
         total[key] = sum(s[key] for s in out)
     total["errors"] = [s["error"] for s in out if "error" in s]
     total["max_gap_ms"] = round(max((s["max_gap_ms"] for s in out), default=0.0), 1)
+    worst = max(sessions, key=lambda x: x.stats["max_gap_ms"], default=None)
+    if worst is not None and worst.gap_end is not None:
+        total["max_gap_port"] = int(worst.where.rsplit(" ", 1)[1]) if worst.where else None
+        total["max_gap_end"] = round(worst.gap_end, 3)
     lat = sorted(x for s in sessions for x in s.latencies)
     if lat:
         total["requests_per_s"] = round(len(lat) / args.seconds, 1)

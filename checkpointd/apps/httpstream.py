@@ -10,7 +10,7 @@ parsed request, so the state is just that request (``len``, ``seed``, ``rate``, 
 length and where the request ended in the input stream) and the output is regenerable
 from any offset. The connection registers with ``regenerable=True``; it commits once the
 request is read (input I = the request's length, output 0) and then every 50 ms or
-256 KiB with O = the response offset sent so far (every 50 ms x N/50 with N > 50
+256 KiB with O = the response offset sent so far (every 50 ms x N/25 with N > 25
 connections open: see ``commit_every``). After a fail-over the standby's copy
 gets the state and O back, regenerates the response from O, and the library drops the
 first D bytes (the peer has them): the response continues exactly.
@@ -33,7 +33,7 @@ CHUNK = 64 << 10              # bytes per send
 MIN_SEND = 4096              # paced sends wait for at least this much budget
 COMMIT_EVERY = 0.05           # seconds between commits while sending ...
 COMMIT_BYTES = 256 << 10      # ... or bytes, whichever comes first
-COMMIT_SHARE = 50             # connections beyond which the period grows with their number
+COMMIT_SHARE = 25             # connections beyond which the period grows with their number
 MAX_REQUEST = 8192            # request line + headers
 MAX_LEN = 1 << 40
 DEFAULT_LEN = 1 << 20
@@ -150,7 +150,7 @@ class HttpStream(Server):
     def commit_every(self) -> float:
         """Seconds between commits while sending: COMMIT_EVERY, times N/COMMIT_SHARE with
         N > COMMIT_SHARE connections open, so that all of them together commit at most
-        ~1000 times a second. Each commit is a message the agent handles, and each agent
+        ~500 times a second. Each commit is a message the agent handles, and each agent
         round seals and writes to etcd the newest commit of every connection that has
         one: with 500 downloads committing every 50 ms every round carries all 500 and
         the commit latency (the peers' ACKs, the lease renewals sharing etcd) grows to a

@@ -293,6 +293,14 @@ class CheckpointStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    def delete_many(self, conn_keys: list[str], *, leader_lease: Lease) -> int:
+        """Remove several connections' records in one fenced transaction (at most
+        MAX_TXN_OPS keys); return how many were there. All or nothing, like put_many:
+        NotLeader and nothing deleted if ``leader_lease`` no longer holds the key. A
+        thousand connections that end together must not cost a thousand round trips
+        while their records wait to be resurrected by mistake."""
+
+    @abc.abstractmethod
     def get_all(self, prefix: str = "", *, revision: int | None = None) -> Snapshot:
         """Every record whose conn key starts with ``prefix``, as of a single revision.
 

@@ -63,7 +63,7 @@ from pyetcd.utils import prefix_range_end
 from ..config import Config, ConfigError
 from . import base
 from .base import CheckpointStore, LeaderState, Lease, Snapshot
-from .errors import NotLeader, StoreError, StoreUnavailable
+from .errors import BatchTooLarge, NotLeader, StoreError, StoreUnavailable
 from .layout import Layout
 from .record import MAX_RECORD_BYTES
 
@@ -390,7 +390,10 @@ class EtcdStore(CheckpointStore):
     def renew(self, lease: Lease) -> int:
         answer = self._call("renew lease", "Lease", "LeaseKeepAlive",
                             etcdrpc.LeaseKeepAliveRequest(ID=lease.id))
-        if answer is None or answer.TTL <= 0:
+        if answer is None:   # the stream ended unanswered (a member without quorum)
+            raise StoreUnavailable(f"etcd {','.join(self.endpoints)}: renew lease: the "
+                                   "keepalive stream ended without an answer")
+        if answer.TTL <= 0:  # etcd's answer for a lease it no longer has
             raise NotLeader(f"lease {lease.id:x} of {lease.name!r} expired")
         return int(answer.TTL)
 
@@ -451,6 +454,15 @@ class EtcdStore(CheckpointStore):
         if not resp.succeeded:
             raise self._not_leader(leader_lease)
         return resp.responses[0].response_delete_range.deleted > 0
+
+    def delete_many(self, conn_keys: list[str], *, leader_lease: Lease) -> int:
+        names = [self.layout.conn(k) for k in conn_keys]
+        if len(names) > base.MAX_TXN_OPS:
+            raise BatchTooLarge("ops", len(names), base.MAX_TXN_OPS)
+        resp = self._txn("delete_many", self._fence(leader_lease), [_delete(n) for n in names])
+        if not resp.succeeded:
+            raise self._not_leader(leader_lease)
+        return sum(r.response_delete_range.deleted for r in resp.responses)
 
     def get_all(self, prefix: str = "", *, revision: int | None = None) -> Snapshot:
         for _ in range(_ATTEMPTS):

@@ -21,7 +21,7 @@ from typing import Callable, Mapping
 
 from . import base
 from .base import CheckpointStore, LeaderState, Lease, Snapshot
-from .errors import NotLeader, StoreError, StoreUnavailable
+from .errors import BatchTooLarge, NotLeader, StoreError, StoreUnavailable
 from .layout import Layout
 
 
@@ -219,6 +219,18 @@ class MemoryStore(CheckpointStore):
                 return False
             c.write({}, [name])
             return True
+
+    def delete_many(self, conn_keys: list[str], *, leader_lease: Lease) -> int:
+        names = [self.layout.conn(k) for k in conn_keys]
+        if len(names) > base.MAX_TXN_OPS:
+            raise BatchTooLarge("ops", len(names), base.MAX_TXN_OPS)
+        with self.backend.lock:
+            c = self._begin()
+            self._fenced(c, leader_lease)
+            there = [n for n in names if c.get(n) is not None]
+            if there:
+                c.write({}, there)
+            return len(there)
 
     def get_all(self, prefix: str = "", *, revision: int | None = None) -> Snapshot:
         start = self.layout.conn_range(prefix)

@@ -245,6 +245,19 @@ def test_fenced_primary_cannot_write_after_a_takeover(harness, a, b):
     assert b.get_all().items == {**items(3, "a"), **items(2, "b")}
 
 
+def test_delete_many_is_one_fenced_transaction(harness, a, b):
+    lease = a.acquire_leader("host-a", 5)
+    a.put_many(items(5), leader_lease=lease)
+    assert a.delete_many(["c000", "c001", "c999"], leader_lease=lease) == 2
+    assert sorted(b.get_all().items) == ["c002", "c003", "c004"]
+    with pytest.raises(BatchTooLarge):
+        a.delete_many([f"c{i}" for i in range(base.MAX_TXN_OPS + 1)], leader_lease=lease)
+    a.resign(lease)
+    with pytest.raises(NotLeader):
+        a.delete_many(["c002"], leader_lease=lease)
+    assert sorted(b.get_all().items) == ["c002", "c003", "c004"]
+
+
 def test_delete_is_fenced_and_says_whether_the_record_was_there(a):
     lease = a.acquire_leader("host-a", 5)
     a.put_many(items(2), leader_lease=lease)
