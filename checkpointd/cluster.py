@@ -104,8 +104,9 @@ class Cluster:
     def spawn(self, ns: str, name: str, argv: list[str], **kw) -> Proc:
         log = self.workdir / f"{name}.log"
         f = open(log, "ab")
+        own_stdout = "stdout" in kw    # a report file: the log keeps stderr apart
         popen = netns.popen(ns, argv, stdin=subprocess.DEVNULL, stdout=kw.pop("stdout", f),
-                            stderr=subprocess.STDOUT if "stdout" not in kw else f, **kw)
+                            stderr=f if own_stdout else subprocess.STDOUT, **kw)
         proc = Proc(name, popen, log)
         self.procs.append(proc)
         return proc
