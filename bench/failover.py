@@ -83,19 +83,23 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=float, default=4.0)
     ap.add_argument("--keep", metavar="DIR", help="keep every drill's logs and the agents' status "
                     "in DIR/N (the drill's --keep)")
+    ap.add_argument("--fault", choices=("crash", "switchover"), default="crash",
+                    help="crash (the fail-over; target TTL + 700 ms at 100) or switchover "
+                         "(resurrect switchover --to b, no crash; target 200 ms)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     raise_fd_limit()
     rows = []
     for n in args.connections:
         r = drill.run(n, seed=args.seed, lease_ttl=args.lease_ttl, duration=duration(n, args.duration),
-                      http_rate=http_rate(n), kv_rate=kv_rate(n),
+                      http_rate=http_rate(n), kv_rate=kv_rate(n), fault=args.fault,
                       keep=str(Path(args.keep) / str(n)) if args.keep else None)
         rows.append({k: r.get(k) for k in (
             "connections", "resurrected", "bytes_verified", "lost_bytes", "duplicated_bytes",
             "resets", "max_gap_ms", "http_max_gap_ms", "kv_max_gap_ms", "detection_ms",
             "takeover_ms", "restore_ms", "resumed_ms", "lease_ttl_s")})
-        rows[-1]["target_max_gap_ms"] = args.lease_ttl * 1000 + 700
+        rows[-1]["target_max_gap_ms"] = 200 if args.fault == "switchover" else args.lease_ttl * 1000 + 700
+        rows[-1]["fault"] = args.fault
         rows[-1].update(_resurrection(r.get("events_b", [])), http_rate=http_rate(n), kv_rate=kv_rate(n),
                         duration_s=duration(n, args.duration),
                         http_problems=len(r.get("http_problems", [])), kv_ok=(r.get("kv") or {}).get("ok"))
