@@ -22,6 +22,7 @@ RST: an explicit end, never a connection that hangs.
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -40,6 +41,7 @@ from kernel.isolate import tuple_of
 class Prepared:
     epoch: int
     items: list = field(default_factory=list)     # (record, ici)
+    adopting: "threading.Thread | None" = None     # re-sealing the records under our epoch
     refused: Counter = field(default_factory=Counter)
     reasons: dict = field(default_factory=dict)   # conn key -> reason
 
@@ -80,6 +82,9 @@ def prepare(agent, epoch: int) -> Prepared:
         out.items.append((rec, ici))
     if out.items:
         agent.isolation.isolate([tuple_of(ici) for _, ici in out.items])
+        out.adopting = threading.Thread(target=adopt, args=(agent, [rec for rec, _ in out.items]),
+                                        name="checkpointd-adopt", daemon=True)
+        out.adopting.start()
     agent.counters["refused"] += sum(out.refused.values())
     agent.note(f"prepared {len(out.items)} connections of epoch {epoch} "
                f"({sum(out.refused.values())} refused: {dict(out.refused)}) in "
@@ -87,6 +92,33 @@ def prepare(agent, epoch: int) -> Prepared:
     for key, why in out.reasons.items():
         agent.note(f"{key}: not resurrected: {why}")
     return out
+
+
+def adopt(agent, recs: list) -> int:
+    """Re-seal the lapsed epoch's records under ours, in fenced batches, while the
+    connections are being restored (in parallel: nothing waits for it).
+
+    Why: the next takeover resurrects only records of the epoch that lapsed. If this new
+    primary lost its lease before its first checkpoint of some connection, that record
+    would still name the old epoch and be refused, and the connection lost. The content
+    is unchanged (the same offsets, state and clocks): only its epoch moves."""
+    from checkpointd.agent import BATCH
+
+    lease, done = agent.lease, 0
+    if lease is None:
+        return 0
+    for i in range(0, len(recs), BATCH):
+        part = recs[i:i + BATCH]
+        try:
+            blobs = {r.conn_key: records.seal(r.replace(epoch=lease.epoch), agent.keyring,
+                                              agent.layout.conn(r.conn_key)) for r in part}
+            agent.store.put_many(blobs, leader_lease=lease)
+        except (StoreError, ValueError) as exc:
+            agent.note(f"adopting the records under epoch {lease.epoch}: {len(recs) - done} "
+                       f"left as they were: {exc}")
+            return done
+        done += len(part)
+    return done
 
 
 def nudge_targets(made) -> list[ICI]:
@@ -160,6 +192,10 @@ def resurrect(agent, prepared: Prepared) -> int:
     # backoff steps as they can have taken since the newest checkpoint
     oldest = min((rec.wall_ns for rec, _, _, _ in made), default=now_ns)
     nudge.nudge(nudge_targets(made), count=nudge.backoffs((agent.wall() - oldest) / 1e9))
+    if prepared.adopting is not None:
+        # before any application can commit: a newer record must never be overwritten
+        # by an adopted older one
+        prepared.adopting.join()
     for (rec, target, r, restored), guard in zip(made, guards):
         sock = restored.sock
         reg = Registration(target.replace(recv_queue=b"", rcv_nxt=target.copied_seq)
