@@ -727,8 +727,8 @@ def _target(host: str | None) -> str | None:
 @_yes_option
 @click.pass_obj
 def switchover(session: Session, host: str, yes: bool) -> None:
-    """Planned: the primary isolates and passes every connection (full dumps, nothing lost)
-    and releases the leader key; HOST takes it, even while fail-over is paused."""
+    """Planned: the primary isolates every connection, checkpoints it and releases the
+    leader key; HOST takes it at once (even while fail-over is paused) and resurrects them."""
     from checkpointd.store import base
 
     host = _target(host)
