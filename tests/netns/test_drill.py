@@ -49,11 +49,11 @@ def test_etcd_without_quorum_fail_safe_then_crash_loses_nothing():
     assert result["lost_bytes"] == 0 and result["duplicated_bytes"] == 0 and result["resets"] == 0, result
 
 
-def test_operator_switchover_under_load_loses_nothing():
+def test_operator_switchover_of_100_connections_under_load_loses_nothing():
     """`resurrect switchover --to b`, run as an operator runs it: a isolates its
     connections, checkpoints them and releases the leader key; b takes it at once (no
     lease to wait for) and resurrects every connection."""
-    result = drill.run(20, seed=51, duration=6.0, fault="switchover")
-    assert result["resurrected"] == 20 and result["refused"] == 0, result
+    result = drill.run(100, seed=51, duration=6.0, fault="switchover", http_rate=200_000, kv_rate=20)
+    assert result["resurrected"] == 100 and result["refused"] == 0, result
     assert result["lost_bytes"] == 0 and result["duplicated_bytes"] == 0 and result["resets"] == 0, result
     assert result["detection_ms"] is not None and result["detection_ms"] < 1000, result
