@@ -345,6 +345,8 @@ class Agent:
             log.warning("history of epoch %s not written: %s", epoch, exc)
 
     def _etcd_down(self, now: float) -> float:
+        if self.metrics is not None:
+            self.metrics.etcd_errors.inc()
         if self.etcd_down_since is None:
             self.etcd_down_since = now
         return self.etcd_down_since
@@ -638,6 +640,8 @@ class Agent:
         try:
             return self.gate.guard(tup, commit_seq, wscale)
         except ackgate.GateFull as exc:
+            if self.metrics is not None:
+                self.metrics.gate_full.inc()
             self.note(f"unprotected: {exc}")
             return None
 
@@ -743,6 +747,8 @@ class Agent:
             try:
                 self.store.put_many({conn.key: b for conn, _, _, b in part}, leader_lease=self.lease)
             except StoreError as exc:
+                if self.metrics is not None:
+                    self.metrics.etcd_errors.inc()
                 for conn, c, _, _ in part:  # not durable: keep it for the next round
                     with conn.lock:
                         if conn.pending is None or conn.pending.seq < c.seq:
@@ -813,7 +819,8 @@ class Agent:
         conn.durable_input = c.input
         if conn.guard is not None:
             try:
-                conn.guard.commit(conn.reg.seq_of_read(c.input))
+                if conn.guard.commit(conn.reg.seq_of_read(c.input)) and self.metrics is not None:
+                    self.metrics.gate_commits.inc()
             except OSError as exc:
                 log.warning("%s: gate not raised: %s", conn.key, exc)
         if conn.app is not None and c.seq > 0:

@@ -210,6 +210,7 @@ def run(connections: int = 20, *, seed: int = 1, lease_ttl: float = 1.0, http_ra
             sampler.stop.set()
             status_b = cluster.status("b")
             status_a = cluster.status("a")
+            metrics_b = _scrape(topo.destination, cluster.api_address("b"))
         except BaseException:
             for proc in cluster.procs:
                 progress(f"--- {proc.name} (pid {proc.pid}, {'alive' if proc.alive() else 'exited'})\n{proc.tail(12)}")
@@ -238,6 +239,7 @@ def run(connections: int = 20, *, seed: int = 1, lease_ttl: float = 1.0, http_ra
             takeover_ms=round((takeover - killed) * 1000, 1) if takeover else None,
             restore_ms=round(res.get("probe_ms", 0) + res.get("restore_ms", 0) + res.get("activate_ms", 0), 1),
             events_b=[text for t, text in status_b["events"] if t >= killed - 0.5][:20],
+            metrics_b=metrics_b,
             fault=fault)
         if outage is not None:
             result.update(outage)
@@ -283,6 +285,26 @@ def _etcd_outage(cluster: Cluster, outage_s: float, progress) -> dict:
     return {"outage_s": round(back - t0, 2), "a_roles_during_outage": sorted(r for r in roles if r),
             "a_unprotected_during_outage": unprotected,
             "events_a_outage": [text for t, text in st.get("events", []) if t >= t0][:12]}
+
+
+def _scrape(ns: str, address: str) -> dict:
+    """A few of b's Prometheus metrics, read from its REST API as Prometheus would."""
+    import urllib.request
+
+    wanted = ("tcpcp_resurrections_total", "tcpcp_checkpoints_total", "tcpcp_gate_commits_total",
+              'tcpcp_role{role="primary"}', "tcpcp_commit_latency_seconds_count")
+    try:
+        with netns.enter(ns):
+            with urllib.request.urlopen(f"http://{address}/metrics", timeout=2) as r:
+                text = r.read().decode()
+    except OSError as exc:
+        return {"error": str(exc)}
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name in wanted:
+            out[name] = float(value)
+    return out
 
 
 def _keep(work: Path, dest: Path) -> None:

@@ -86,6 +86,9 @@ def prepare(agent, epoch: int) -> Prepared:
                                         name="checkpointd-adopt", daemon=True)
         out.adopting.start()
     agent.counters["refused"] += sum(out.refused.values())
+    if getattr(agent, "metrics", None) is not None:
+        for reason, n in out.refused.items():
+            agent.metrics.record_refused(reason, n)
     agent.note(f"prepared {len(out.items)} connections of epoch {epoch} "
                f"({sum(out.refused.values())} refused: {dict(out.refused)}) in "
                f"{(agent.clock() - t0) * 1000:.1f} ms")
@@ -223,6 +226,10 @@ def resurrect(agent, prepared: Prepared) -> int:
                    f"not resurrected: {why}")
     agent.counters["resurrected"] += len(made)
     agent.counters["refused"] += len(failed)
+    if getattr(agent, "metrics", None) is not None:
+        for ici, why in failed:
+            agent.metrics.resurrection_failed("probe" if "probe" in why else
+                                              "restore" if "restore" in why else "resume")
     agent.note(f"resurrected {len(made)} connections ({len(failed)} failed): probe "
                f"{(t_probe - t0) * 1000:.1f} ms, restore {(t_restore - t_probe) * 1000:.1f} ms, "
                f"activate {(t_active - t_restore) * 1000:.1f} ms")

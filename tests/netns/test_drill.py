@@ -16,6 +16,9 @@ def test_drill_loses_nothing(seed):
     assert result["resets"] == 0, result
     assert result["kv"]["ok"] and result["kv"]["replies_verified"] > 0, result
     assert result["bytes_verified"] > 0
+    m = result["metrics_b"]   # scraped from b's /metrics, as Prometheus would
+    assert m["tcpcp_resurrections_total"] == 20 and m['tcpcp_role{role="primary"}'] == 1, m
+    assert m["tcpcp_checkpoints_total"] > 0 and m["tcpcp_commit_latency_seconds_count"] > 0, m
 
 
 def test_primary_cut_off_from_etcd_fences_before_the_standby_takes_over():
