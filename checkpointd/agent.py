@@ -112,6 +112,7 @@ class Agent:
         self.lock = threading.RLock()
         self.wake = threading.Condition(self.lock)
         self.stopping = threading.Event()
+        self.poked = threading.Event()    # look at etcd now (a partner released the key)
         self.fenced = False
         self.events: list[tuple[float, str]] = []    # (monotonic time, what happened)
         self.counters = {"checkpoints": 0, "commit_batches": 0, "refused": 0,
@@ -157,6 +158,7 @@ class Agent:
 
     def stop(self) -> None:
         self.stopping.set()
+        self.poked.set()
         with self.wake:
             self.wake.notify_all()
         if self._listener is not None:
@@ -229,7 +231,8 @@ class Agent:
             if isinstance(obs, decide.LeaderAcquired) and self.machine.state.role is decide.Role.PRIMARY:
                 self._after_acquiring(self.machine.state.epoch, decision.reason)
             wait = max(0.0, (decision.wake_at or self.clock() + self.config.renew_interval) - self.clock())
-            self.stopping.wait(min(wait, self.config.renew_interval))
+            self.poked.wait(min(wait, self.config.renew_interval))
+            self.poked.clear()
             for flag in self.control_observations():
                 self._observe_now(flag)
             obs = self._look()
@@ -357,7 +360,7 @@ class Agent:
         time if all confirm (each then promised not to take the leader key for lease_ttl
         after answering), else None. No partners: None, and the primary fences as usual."""
         partners = self.config.api_partners
-        if not partners:
+        if not partners or not self.config.api_failsafe:
             return None
         sent = self.clock()
         body = json.dumps({"holder": self.config.host_name, "epoch": self.machine.state.epoch,
@@ -377,6 +380,24 @@ class Agent:
                 log.info("fail-safe refused by %s: %s", partner, answer.get("reason"))
                 return None
         return sent
+
+    def _poke_partners(self) -> None:
+        """We released the leader key (switchover): tell the partners to look at etcd
+        now rather than at their next tick. Best effort: they look within
+        renew_interval anyway."""
+        for partner in self.config.api_partners:
+            url = partner if "//" in partner else f"http://{partner}"
+            try:
+                req = urllib.request.Request(url.rstrip("/") + "/poke", data=b"{}",
+                                             headers={"Content-Type": "application/json"})
+                urllib.request.urlopen(req, timeout=0.2).close()
+            except OSError as exc:
+                log.debug("poke %s: %s", partner, exc)
+
+    def on_poke(self, body: dict) -> dict:
+        """POST /poke from a partner that released the leader key."""
+        self.poked.set()
+        return {"ok": True, "host": self.config.host_name}
 
     def on_failsafe(self, body: dict) -> dict:
         """POST /failsafe from the primary (checkpointd/api.py calls this)."""
@@ -506,6 +527,7 @@ class Agent:
                 except StoreError:
                     pass
                 self.lease = None
+            self._poke_partners()
         elif isinstance(action, decide.Isolate):
             self._pending_resurrection = self._load(action.epoch)
         elif isinstance(action, decide.TakeVip):

@@ -80,11 +80,13 @@ class AgentAPI:
     def __init__(self, listen: str | tuple[str, int], status: Callable[[], dict],
                  metrics: AgentMetrics | None = None, *, liveness_s: float = 5.0,
                  clock: Callable[[], float] = time.monotonic,
-                 on_failsafe: Callable[[dict], dict] | None = None):
+                 on_failsafe: Callable[[dict], dict] | None = None,
+                 on_poke: Callable[[dict], dict] | None = None):
         self.host, self.port = parse_listen(listen) if isinstance(listen, str) else listen
         self.status, self.metrics = status, metrics
         self.liveness_s, self.clock = liveness_s, clock
         self.on_failsafe = on_failsafe
+        self.on_poke = on_poke   # POST /poke: a partner released the leader key, look now
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -153,10 +155,11 @@ class AgentAPI:
         return 404, JSON_TYPE, _json({"error": f"no such endpoint: {path}"})
 
     def answer_post(self, path: str, body: bytes) -> tuple[int, str, bytes]:
-        if path != "/failsafe":
+        callback = {"/failsafe": self.on_failsafe, "/poke": self.on_poke}.get(path, False)
+        if callback is False:
             return 404, JSON_TYPE, _json({"error": f"no such endpoint: {path}"})
-        if self.on_failsafe is None:
-            return 503, JSON_TYPE, _json({"error": "failsafe is not available on this agent"})
+        if callback is None:
+            return 503, JSON_TYPE, _json({"error": f"{path[1:]} is not available on this agent"})
         try:
             request = json.loads(body or b"{}")
         except ValueError as exc:
@@ -164,9 +167,9 @@ class AgentAPI:
         if not isinstance(request, dict):
             return 400, JSON_TYPE, _json({"error": "body must be a JSON object"})
         try:
-            reply = self.on_failsafe(request)
+            reply = callback(request)
         except Exception as exc:
-            log.exception("failsafe callback failed")
+            log.exception("%s callback failed", path)
             return 500, JSON_TYPE, _json({"error": f"{type(exc).__name__}: {exc}"})
         return 200, JSON_TYPE, _json(reply)
 

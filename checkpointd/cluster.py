@@ -204,8 +204,8 @@ unprotected_grace = {self.unprotected_grace}
 socket = "{self.workdir / host / 'app.sock'}"
 [api]
 listen = "{self.api_address(host)}"
-partners = {json.dumps([f"http://{self.api_address(h)}" for h in ("a", "b") if h != host]
-                       if self.lease_ttl >= 2 else [])}
+partners = {json.dumps([f"http://{self.api_address(h)}" for h in ("a", "b") if h != host])}
+failsafe = {"true" if self.lease_ttl >= 2 else "false"}
 """)
         return path
 

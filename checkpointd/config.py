@@ -39,8 +39,10 @@ Settings (section.key, unit, default)::
     app.socket                   Unix socket the application library connects to   /run/tcpcp/app.sock
     api.listen                   REST API and /metrics: host:port or [v6]:port;    127.0.0.1:8008
                                  empty: no API
-    api.partners                 the other agents' REST APIs (http://host:port): fail-safe  none
-                                 when etcd is unreachable (see docs/failover.md)
+    api.partners                 the other agents' REST APIs (http://host:port), told   none
+                                 when this host releases the leader key
+    api.failsafe                 ask the partners for fail-safe when etcd is          true
+                                 unreachable (docs/failover.md); false: fence
     log.format                   text or json (one JSON object per line)           text
 
 Rules checked at load (timings in seconds; names as above, section omitted)::
@@ -78,7 +80,7 @@ Rules checked at load (timings in seconds; names as above, section omitted)::
         every path: absolute; api.listen: empty, or host:port where host is an IPv4
         address, a host name or a bracketed IPv6 address and port is 0-65535 (0: any
         free port, logged at start); log.format: text or json
-    R11 with api.partners: renew_interval + 3*retry_timeout + 0.1 <= lease_ttl - fence_margin
+    R11 with api.partners and api.failsafe: renew_interval + 3*retry_timeout + 0.1 <= lease_ttl - fence_margin
             fail-safe must fit before the fencing deadline: a renewal that times out, then
             the question to the partner, which may first try etcd itself (one more
             retry_timeout), plus 0.1 s for the round trip and scheduling.
@@ -182,6 +184,7 @@ class Config:
     app_socket: str = _setting("app", "socket", "path", "/run/tcpcp/app.sock")
     api_listen: str = _setting("api", "listen", "listen", "127.0.0.1:8008")
     api_partners: tuple[str, ...] = _setting("api", "partners", "urls", ())
+    api_failsafe: bool = _setting("api", "failsafe", "bool", True)
     log_format: str = _setting("log", "format", "logformat", "text")
 
     def __post_init__(self) -> None:
@@ -273,6 +276,10 @@ def _check_kind(f: dataclasses.Field, value: Any) -> Any:
             except ValueError as exc:
                 raise ConfigError(name, str(exc)) from None
         return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(name, f"must be true or false, not {value!r}")
+        return value
     if kind == "seconds":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(name, f"must be a number of seconds, not {type(value).__name__}")
@@ -343,11 +350,11 @@ def _check_rules(c: Config) -> None:
             f"deadline, less than renew_interval + 2*retry_timeout = {attempts:g} s: "
             "one slow etcd request would make the primary fence"))
     failsafe = c.renew_interval + 3 * c.retry_timeout + 0.1
-    if c.api_partners and failsafe > c.lease_ttl - c.fence_margin:
+    if c.api_partners and c.api_failsafe and failsafe > c.lease_ttl - c.fence_margin:
         raise ConfigError("api.partners", (
             f"fail-safe needs renew_interval + 3*retry_timeout + 0.1 = {failsafe:g} s before the "
             f"fencing deadline, but lease_ttl - fence_margin is {c.lease_ttl - c.fence_margin:g} s: "
-            "raise timing.lease_ttl or lower timing.retry_timeout, or leave api.partners empty"))
+            "raise timing.lease_ttl or lower timing.retry_timeout, or set api.failsafe = false"))
     if not c.checkpoint_interval < c.msl / 2:
         raise ConfigError("timing.checkpoint_interval", (
             f"{c.checkpoint_interval:g} s must be below msl/2 = {c.msl / 2:g} s"))
@@ -458,6 +465,10 @@ def _env_value(f: dataclasses.Field, var: str, text: str) -> Any:
         return text or None
     if kind in ("urls", "ips"):
         return [item.strip() for item in text.split(",") if item.strip()]
+    if kind == "bool":
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ConfigError(_name(f), f"{var}={text!r} is not true or false")
+        return text.lower() in ("true", "1", "yes")
     if kind == "seconds":
         try:
             return float(text)

@@ -167,7 +167,9 @@ def run(connections: int = 20, *, seed: int = 1, lease_ttl: float = 1.0, http_ra
             wait_for(lambda: _records(cluster) >= connections, 10 + 0.02 * connections,
                      f"{connections} checkpoint records in etcd", 0.05)
             delay = rng.uniform(*kill_window)
-            progress(f"{connections} connections flowing; crashing host a in {delay:.2f} s")
+            what = {"switchover": "switching over to b", "etcd-partition": "cutting host a off from etcd",
+                    "etcd-outage": "taking etcd's quorum away"}.get(fault, "crashing host a")
+            progress(f"{connections} connections flowing; {what} in {delay:.2f} s")
             time.sleep(delay)
             if fault == "mid-commit":
                 agent_a.kill(signal.SIGUSR1)   # arm: the committer stops after its next write

@@ -386,7 +386,7 @@ def test_api_and_log_from_the_environment():
 
 def test_api_and_log_round_trip_and_are_documented():
     c = from_mapping(mapping(api={"listen": ""}, log={"format": "json"}), env={})
-    assert c.as_toml_dict()["api"] == {"listen": "", "partners": []} and c.as_toml_dict()["log"] == {"format": "json"}
+    assert c.as_toml_dict()["api"] == {"listen": "", "partners": [], "failsafe": True} and c.as_toml_dict()["log"] == {"format": "json"}
     assert from_mapping(c.as_toml_dict(), env={}) == c
     for name in ("api.listen", "log.format"):
         assert name in cfg.__doc__
@@ -415,3 +415,17 @@ def test_fail_safe_must_fit_before_the_fencing_deadline():
                                       "commit_interval": 0.005}), env={})
     assert ok.api_partners == ("http://10.0.0.2:8008",)
 
+
+
+def test_failsafe_off_lifts_r11_and_reads_from_the_environment():
+    timing = {"lease_ttl": 1, "renew_interval": 0.1, "retry_timeout": 0.25, "fence_margin": 0.3,
+              "checkpoint_interval": 5, "commit_interval": 0.005}
+    c = from_mapping(mapping(api={"partners": ["http://10.0.0.2:8008"], "failsafe": False},
+                             timing=timing), env={})
+    assert c.api_partners and c.api_failsafe is False
+    c = from_mapping(mapping(api={"partners": ["http://10.0.0.2:8008"]}, timing=timing),
+                     env={"TCPCP_API_FAILSAFE": "false"})
+    assert c.api_failsafe is False
+    with pytest.raises(ConfigError) as err:
+        from_mapping(mapping(api={"failsafe": "yes"}), env={})
+    assert err.value.field == "api.failsafe"
