@@ -19,6 +19,13 @@ commits. The flow, with the names of DESIGN.md and checkpointd/offsets.py:
   resumes its output at O". It returns at once; the agent answers ``durable`` once the
   checkpoint is in etcd, and only then lets the kernel acknowledge input up to I (so the
   peer keeps, and will resend, everything after I).
+  **Commit every byte you have read before you wait for more**, keeping an unfinished
+  message in the state: committing only at message boundaries can deadlock. A peer in loss
+  recovery sends one segment and waits for its ACK; if that segment ends inside a
+  message, the ACK gate holds the ACK (not committed) while the application waits for the
+  rest of the message, which the peer sends only once the start is acknowledged. The
+  drills saw peers retransmit one byte with backoff for a minute (checkpointd/apps/kv.py
+  shows the pattern).
 - Output is either *regenerable* from the state (a download: the state says what the bytes
   at any offset are) or not (replies computed from a state that has moved on). For the
   latter the library keeps the bytes written but not yet acknowledged by the peer (sized by
