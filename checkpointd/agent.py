@@ -119,6 +119,7 @@ class Agent:
                          "resurrected": 0, "fenced": 0}
         self._queued = False   # a commit is waiting for the committer
         self._released: set[str] = set()   # closed connections whose records must go
+        self._stale_pending = False        # some records predate a released ACK gate
         self._last_role: decide.Role | None = None
         self._pending_resurrection = None        # prepared by Isolate, used by Resurrect
         # resurrected connections whose application has not connected yet, by local port
@@ -171,6 +172,7 @@ class Agent:
     def status(self) -> dict:
         """What an operator (or the drill) reads: role, epoch, counts, and the timeline."""
         st = self.machine.state
+        guarded = sum(c.guard is not None for c in list(self.conns.values()))
         return {"host": self.config.host_name, "role": st.role.value, "epoch": st.epoch,
                 "holder": st.holder, "connections": len(self.conns), "fenced": self.fenced,
                 "unprotected": self.unprotected_since is not None,
@@ -179,8 +181,8 @@ class Agent:
                 "last_resurrection": self.last_resurrection,
                 "events": [(round(t, 6), text) for t, text in self.events[-200:]],
                 "clock": self.clock(), "wall_ns": self.wall(), "ha_loop_at": self.ha_loop_at,
-                "connections_protected": sum(c.guard is not None for c in list(self.conns.values())),
-                "connections_unprotected": sum(c.guard is None for c in list(self.conns.values()))}
+                "connections_protected": guarded,
+                "connections_unprotected": len(self.conns) - guarded}
 
     def connections(self) -> list[dict]:
         """Per connection, for ``resurrect list``: input bytes received since its last
@@ -291,26 +293,31 @@ class Agent:
                                  ttl_granted=left[1] if left else None)
 
     # -- the operator's control keys (resurrect pause/resume/switchover/failover) -------------
-    def _control(self, name: str) -> dict | None:
-        """One control key, or None. Never while etcd is known unreachable: three reads
-        timing out would delay the renewal past the fencing deadline."""
+    def _controls(self) -> dict[str, dict]:
+        """The control keys present, parsed (name -> value), in one read. Never while etcd
+        is known unreachable: a read timing out would delay the renewal past the fencing
+        deadline."""
         if self.etcd_down_since is not None:
-            return None
+            return {}
         try:
-            raw = self.store.get_control(name)
-            return None if raw is None else parse_control_value(name, raw)
+            raw = self.store.get_controls()
         except StoreError as exc:
             self._etcd_down(self.clock())
-            log.debug("control key %s unreadable: %s", name, exc)
-            return None
-        except ValueError as exc:
-            log.warning("control key %s ignored: %s", name, exc)
-            return None
+            log.debug("control keys unreadable: %s", exc)
+            return {}
+        out = {}
+        for name, value in raw.items():
+            try:
+                out[name] = parse_control_value(name, value)
+            except ValueError as exc:
+                log.warning("control key %s ignored: %s", name, exc)
+        return out
 
     def _forced(self) -> tuple[float | None, str | None]:
         """A ``resurrect failover`` in progress: until when its revoked holder may still
-        speak (its request time + lease_ttl + clock_skew, on our monotonic clock)."""
-        req = self._control("failover")
+        speak (its request time + lease_ttl + clock_skew, on our monotonic clock). Read
+        after the leader key was seen gone: the command writes this key before revoking."""
+        req = self._controls().get("failover")
         if req is None:
             return None, None
         age = (self.wall() - req["requested_at"]) / 1e9
@@ -320,15 +327,14 @@ class Agent:
     def control_observations(self) -> list:
         """Pause, resume and switchover requests, as observations for the role machine."""
         st = self.machine.state
+        controls = self._controls()
+        if self.etcd_down_since is not None:
+            return []
         out: list = []
-        if self.etcd_down_since is not None:
-            return out
-        paused = self._control("pause") is not None
-        if self.etcd_down_since is not None:
-            return out
+        paused = "pause" in controls
         if paused != st.paused:
             out.append(decide.Paused() if paused else decide.Resumed())
-        req = self._control("switchover")
+        req = controls.get("switchover")
         if req is not None and req["to"] != st.switchover_to and req["epoch"] == st.epoch:
             if st.role is not decide.Role.PRIMARY or req["from"] == self.config.host_name:
                 out.append(decide.SwitchoverRequested(req["to"]))
@@ -363,16 +369,12 @@ class Agent:
         if not partners or not self.config.api_failsafe:
             return None
         sent = self.clock()
-        body = json.dumps({"holder": self.config.host_name, "epoch": self.machine.state.epoch,
-                           "unprotected": self.unprotected_since is not None}).encode()
+        body = {"holder": self.config.host_name, "epoch": self.machine.state.epoch,
+                "unprotected": self.unprotected_since is not None}
         timeout = self.config.retry_timeout + 0.1   # the partner may first try etcd itself
         for partner in partners:
-            url = partner if "//" in partner else f"http://{partner}"
             try:
-                req = urllib.request.Request(url.rstrip("/") + "/failsafe", data=body,
-                                             headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(req, timeout=timeout) as r:
-                    answer = json.load(r)
+                answer = self._post_partner(partner, "/failsafe", body, timeout)
             except (OSError, ValueError) as exc:
                 log.debug("fail-safe: %s did not confirm: %s", partner, exc)
                 return None
@@ -381,17 +383,23 @@ class Agent:
                 return None
         return sent
 
+    @staticmethod
+    def _post_partner(partner: str, path: str, body: dict, timeout: float) -> dict:
+        """POST ``body`` as JSON to a partner agent's REST API; its JSON answer."""
+        url = (partner if "//" in partner else f"http://{partner}").rstrip("/") + path
+        req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.load(r)
+
     def _poke_partners(self) -> None:
         """We released the leader key (switchover): tell the partners to look at etcd
         now rather than at their next tick. Best effort: they look within
         renew_interval anyway."""
         for partner in self.config.api_partners:
-            url = partner if "//" in partner else f"http://{partner}"
             try:
-                req = urllib.request.Request(url.rstrip("/") + "/poke", data=b"{}",
-                                             headers={"Content-Type": "application/json"})
-                urllib.request.urlopen(req, timeout=0.2).close()
-            except OSError as exc:
+                self._post_partner(partner, "/poke", {}, 0.2)
+            except (OSError, ValueError) as exc:
                 log.debug("poke %s: %s", partner, exc)
 
     def on_poke(self, body: dict) -> dict:
@@ -457,6 +465,7 @@ class Agent:
                 c.guard = None
             c.exposed = True
             c.stale_record = True
+        self._stale_pending = bool(conns)
         self.note(f"released the ACK gate of {len(conns)} connections: unprotected")
 
     def _engage_gate(self) -> None:
@@ -474,17 +483,22 @@ class Agent:
         self.note(f"re-engaged the ACK gate of {len(conns)} connections")
 
     def _delete_stale(self) -> None:
+        """Records from before the ACK gate was released, BATCH per fenced transaction."""
         with self.lock:
             stale = [c for c in self.conns.values() if c.stale_record and not c.exposed]
-        for c in stale:
+        for i in range(0, len(stale), BATCH):
             if self.lease is None:
-                return
+                break
+            part = stale[i:i + BATCH]
             try:
-                self.store.delete(c.key, leader_lease=self.lease)
-                c.stale_record = False
+                self.store.delete_many([c.key for c in part], leader_lease=self.lease)
             except StoreError as exc:
-                log.warning("%s: stale record not deleted yet: %s", c.key, exc)
-                return
+                log.warning("%d stale records not deleted yet: %s", len(stale) - i, exc)
+                break
+            for c in part:
+                c.stale_record = False
+        with self.lock:
+            self._stale_pending = any(c.stale_record for c in self.conns.values())
 
     def _do(self, action) -> object | None:
         """Perform one action; return an observation to feed back at once, if any."""
@@ -740,7 +754,7 @@ class Agent:
         batch: list[tuple[Conn, Commit, str, bytes]] = []
         with self.lock:
             conns = list(self.conns.values())
-        if any(c.stale_record for c in conns):
+        if self._stale_pending:
             self._delete_stale()
         for conn in conns:
             with conn.lock:
@@ -802,12 +816,17 @@ class Agent:
         threading.Event().wait()
 
     def _accept_unprotected(self, conn: Conn, c: Commit) -> None:
-        conn.state, conn.last_commit = c.state, c
+        self._settle(conn, c)
+        self._tell_durable(conn)
+
+    def _settle(self, conn: Conn, c: Commit) -> None:
+        """The commit is what the connection resumes from now (durable, or accepted
+        without a record while unprotected); the application is owed its answer."""
+        conn.last_commit, conn.state = c, c.state
         conn.durable_seq = max(conn.durable_seq, c.seq)
         conn.durable_input = max(conn.durable_input, c.input)
         if conn.app is not None and c.seq > 0:
             conn.owed_durable = max(conn.owed_durable, c.seq)
-        self._tell_durable(conn)
 
     def _last(self, conn: Conn) -> tuple:
         """A periodic re-checkpoint with the newest durable offsets (fresh clocks)."""
@@ -834,19 +853,13 @@ class Agent:
         if self.metrics is not None and c.queued:
             self.metrics.observe_commit(self.clock() - c.queued)
         conn.last_written = now
-        conn.last_commit = c
-        conn.state = c.state
-        if c.seq > conn.durable_seq:
-            conn.durable_seq = c.seq
-        conn.durable_input = c.input
+        self._settle(conn, c)   # commit inputs only grow, so durable_input becomes c.input
         if conn.guard is not None:
             try:
                 if conn.guard.commit(conn.reg.seq_of_read(c.input)) and self.metrics is not None:
                     self.metrics.gate_commits.inc()
             except OSError as exc:
                 log.warning("%s: gate not raised: %s", conn.key, exc)
-        if conn.app is not None and c.seq > 0:
-            conn.owed_durable = max(conn.owed_durable, c.seq)
         self._tell_durable(conn)
 
     def _tell_durable(self, conn: Conn) -> None:

@@ -201,11 +201,12 @@ def resurrect(agent, prepared: Prepared) -> int:
         prepared.adopting.join()
     for (rec, target, r, restored), guard in zip(made, guards):
         sock = restored.sock
+        acked, received = tcp_bytes(sock)
         reg = Registration(target.replace(recv_queue=b"", rcv_nxt=target.copied_seq)
                            if target.recv_queue else target,
                            read=r.input_offset, write=r.stream_offset,
-                           bytes_acked=tcp_bytes(sock)[0], rcv_wscale=target.rcv_wscale,
-                           bytes_received=tcp_bytes(sock)[1])
+                           bytes_acked=acked, rcv_wscale=target.rcv_wscale,
+                           bytes_received=received)
         conn = Conn(rec.conn_key, sock, None, reg, guard, state=rec.app_state)
         conn.durable_input = r.input_offset
         # what the next record of this connection says until the application commits:

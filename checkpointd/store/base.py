@@ -328,6 +328,13 @@ class CheckpointStore(abc.ABC):
     def get_control(self, name: str) -> bytes | None:
         """The value of control key ``name``, or None when it is absent. One read."""
 
+    def get_controls(self) -> dict[str, bytes]:
+        """Every control key present (name -> value), as of one revision where the backend
+        can (etcd: one range read of the control prefix). The agent reads them on every
+        HA cycle, which must stay short enough to renew in time."""
+        from .layout import CONTROLS
+        return {n: v for n in CONTROLS if (v := self.get_control(n)) is not None}
+
     @abc.abstractmethod
     def delete_control(self, name: str) -> bool:
         """Delete control key ``name``; return whether it existed. One delete, not fenced

@@ -64,7 +64,7 @@ from ..config import Config, ConfigError
 from . import base
 from .base import CheckpointStore, LeaderState, Lease, Snapshot
 from .errors import BatchTooLarge, NotLeader, StoreError, StoreUnavailable
-from .layout import Layout
+from .layout import CONTROLS, Layout
 from .record import MAX_RECORD_BYTES
 
 DEFAULT_TIMEOUT = 2.0
@@ -500,6 +500,13 @@ class EtcdStore(CheckpointStore):
         key = self.layout.control(name)
         resp = self._call(f"get control {name}", "KV", "Range", etcdrpc.RangeRequest(key=key.encode()))
         return resp.kvs[0].value if resp.kvs else None
+
+    def get_controls(self) -> dict[str, bytes]:
+        start = self.layout.control_prefix.encode()
+        resp = self._call("get controls", "KV", "Range",
+                          etcdrpc.RangeRequest(key=start, range_end=prefix_range_end(start)))
+        names = {self.layout.control(n): n for n in CONTROLS}
+        return {names[kv.key.decode()]: kv.value for kv in resp.kvs if kv.key.decode() in names}
 
     def delete_control(self, name: str) -> bool:
         key = self.layout.control(name)

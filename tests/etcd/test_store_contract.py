@@ -373,6 +373,16 @@ def test_control_keys_are_written_read_and_deleted_without_a_lease(a, b):
     b.put_many(items(1), leader_lease=lease)             # still the leader
 
 
+def test_get_controls_reads_every_present_control_key_at_once(a, b):
+    assert b.get_controls() == {}
+    pause = base.control_value("pause", paused_at=1, by="root@ops")
+    switch = base.control_value("switchover", to="host-b", from_="host-a", epoch=3, requested_at=2)
+    a.put_control("pause", pause)
+    a.put_control("switchover", switch)
+    a.put_many(items(1), leader_lease=a.acquire_leader("host-a", TTL))   # records are not controls
+    assert b.get_controls() == {"pause": pause, "switchover": switch}
+
+
 def test_control_names_and_sizes_are_checked_before_sending(a):
     for name in ("Pause", "conn", "pause/x", ""):
         with pytest.raises(InvalidKey):
