@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from kernel import ackgate, repair, vip
 from kernel.isolate import Isolation, tuple_of
 
-from . import decide, protocol
+from . import decide, protocol, switchover
 from .config import Config
 from .conns import Registration, checkpoint_ici
 from .store import record as records
@@ -137,6 +137,15 @@ class Agent:
         # epoch -> wall ns: that epoch's primary ran unprotected (told us in a fail-safe
         # request); its records written before then are stale
         self.stale_epochs: dict[int, int] = {}
+        # switchover by passing (checkpointd/switchover.py): exact states the frozen
+        # applications reported (origin), tuples to keep isolated until the VIP is gone
+        # (origin), endpoints created for a pass (destination), nonces seen (destination)
+        self.frozen: dict = {}
+        self.frozen_cv = threading.Condition()
+        self.passed_tuples: list = []
+        self.incoming: switchover.Incoming | None = None
+        self.pass_nonces: set[str] = set()
+        self.last_switchover: dict | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> "Agent":
@@ -179,6 +188,8 @@ class Agent:
                 "etcd_reachable": self.etcd_down_since is None, "paused": st.paused,
                 "counters": dict(self.counters),
                 "last_resurrection": self.last_resurrection,
+                "last_switchover": self.last_switchover,
+                "incoming": len(self.incoming.items) if self.incoming is not None else 0,
                 "events": [(round(t, 6), text) for t, text in self.events[-200:]],
                 "clock": self.clock(), "wall_ns": self.wall(), "ha_loop_at": self.ha_loop_at,
                 "connections_protected": guarded,
@@ -232,6 +243,7 @@ class Agent:
                 continue
             if isinstance(obs, decide.LeaderAcquired) and self.machine.state.role is decide.Role.PRIMARY:
                 self._after_acquiring(self.machine.state.epoch, decision.reason)
+            self._expire_incoming()
             wait = max(0.0, (decision.wake_at or self.clock() + self.config.renew_interval) - self.clock())
             self.poked.wait(min(wait, self.config.renew_interval))
             self.poked.clear()
@@ -432,6 +444,58 @@ class Agent:
         return {"ok": bool(answer and answer.ok), "host": self.config.host_name,
                 "reason": decision.reason}
 
+    def on_pass(self, blob: bytes) -> dict:
+        """POST /pass from the primary switching over to this host."""
+        try:
+            answer = switchover.accept(self, blob)
+        except switchover.passwire.PassRefused as exc:
+            self.note(f"pass refused: {exc}")
+            if self.metrics is not None:
+                self.metrics.record_refused("pass", 1)
+            return {"ok": False, "error": str(exc), "reason": exc.reason}
+        self._observe_now(decide.SwitchoverRequested(target=self.config.host_name))
+        self.poked.set()
+        return answer
+
+    def _expire_incoming(self) -> None:
+        with self.lock:
+            incoming = self.incoming
+            if incoming is None or self.clock() < incoming.until:
+                return
+            self.incoming = None
+        switchover.drop_incoming(self, incoming, "the takeover did not come in time")
+
+    def _pass(self, target: str, epoch: int) -> None:
+        """Switchover: pass what can go live (checkpointd/switchover.py), the rest by a
+        final checkpoint. Every connection ends up isolated either way."""
+        t0 = self.clock()
+        outcome = None
+        try:
+            if self.config.switchover_pass:
+                outcome = switchover.pass_out(self, target, epoch)
+        except Exception as exc:   # the by-checkpoint path below still works
+            log.exception("live pass failed")
+            self.note(f"switchover to {target}: live pass failed ({exc}); passing by checkpoint")
+        finally:
+            if not self.fenced:
+                self._fence()
+        passed = outcome.passed if outcome is not None else []
+        if outcome is not None and outcome.error:
+            self.note(f"switchover to {target}: {outcome.error}; passing by checkpoint")
+        if passed:
+            switchover.finish_out(self, passed, target)
+        t_live = self.clock()
+        self._pass_by_checkpoint(target)
+        self.last_switchover = dict(
+            target=target, epoch=epoch, passed_live=len(passed),
+            asked=outcome.asked if outcome else 0, frozen=outcome.frozen if outcome else 0,
+            by_checkpoint=len(self.conns), phases_ms=outcome.phases_ms if outcome else {},
+            live_ms=round((t_live - t0) * 1000, 1),
+            total_ms=round((self.clock() - t0) * 1000, 1), error=outcome.error if outcome else None)
+        self.note(f"switchover to {target}: {len(passed)} connections passed live, "
+                  f"{len(self.conns)} by checkpoint, in {(self.clock() - t0) * 1000:.1f} ms "
+                  f"(phases {self.last_switchover['phases_ms']})")
+
     def _pass_by_checkpoint(self, target: str) -> None:
         """Switchover: the connections are isolated (nothing moves); write every one's
         newest commit durably under our lease, so that the target, which takes the leader
@@ -543,7 +607,11 @@ class Agent:
                 self.lease = None
             self._poke_partners()
         elif isinstance(action, decide.Isolate):
-            self._pending_resurrection = self._load(action.epoch)
+            incoming = self.incoming
+            if incoming is not None and incoming.pass_.epoch == action.epoch:
+                self._pending_resurrection = None   # after the passed ones are active
+            else:
+                self._pending_resurrection = self._load(action.epoch)
         elif isinstance(action, decide.TakeVip):
             for addr in action.vips:
                 vip.add_vip(None, str(addr), action.interface)
@@ -552,10 +620,14 @@ class Agent:
         elif isinstance(action, decide.ReleaseVip):
             for addr in action.vips:
                 vip.remove_vip(None, str(addr), action.interface)
+            with self.lock:
+                passed, self.passed_tuples = self.passed_tuples, []
+            if passed:   # the VIP is gone: nothing of these can reach this kernel now
+                self.isolation.release(passed)
         elif isinstance(action, decide.Resurrect):
             self._resurrect(action.epoch)
         elif isinstance(action, decide.PassConnections):
-            self._pass_by_checkpoint(action.target)
+            self._pass(action.target, action.epoch)
         elif isinstance(action, decide.CheckpointAll):
             with self.lock:
                 for conn in self.conns.values():
@@ -641,6 +713,10 @@ class Agent:
             self._commit(msg)
         elif msg.op == "release":
             self._release(chan, msg["conn"])
+        elif msg.op == "frozen":
+            with self.frozen_cv:
+                self.frozen[msg["conn"]] = msg
+                self.frozen_cv.notify_all()
         else:
             raise protocol.ProtocolError(f"{msg.op} is not a request")
 
@@ -884,10 +960,27 @@ class Agent:
 
     def _resurrect(self, epoch: int) -> None:
         from resurrect import core
-        prepared = self._pending_resurrection or core.prepare(self, epoch)
+        t0 = self.clock()
+        passed, announced = switchover.activate(self, epoch)
+        t_passed = self.clock()
+        prepared = self._pending_resurrection or core.prepare(self, epoch, skip=passed)
         self._pending_resurrection = None
+        self.last_resurrection = None
         core.resurrect(self, prepared)
+        if announced:   # announced by the pass to come by checkpoint: resurrected or not, done
+            self.isolation.release(announced)
+        if passed:
+            last = self.last_resurrection or dict(connections=0, failed=0, probe_ms=0.0,
+                                                  restore_ms=0.0, activate_ms=0.0, at=t_passed)
+            self.last_resurrection = dict(last, passed_live=len(passed),
+                                          passed_activate_ms=round((t_passed - t0) * 1000, 1),
+                                          passed_at=t_passed)
 
     def _hand_over(self, chan: socket.socket, conn: Conn, resume_fields: dict) -> None:
-        protocol.send(chan, "resume", conn.state, fd=conn.sock.fileno(), conn=conn.key, **resume_fields)
+        """``resume_fields``: input, output, discard, and optionally ``unacked`` (bytes:
+        the output the library keeps as unacknowledged, a passed send queue)."""
+        fields = dict(resume_fields)
+        unacked = fields.pop("unacked", b"")
+        protocol.send(chan, "resume", conn.state + unacked, fd=conn.sock.fileno(), conn=conn.key,
+                      unacked_len=len(unacked), **fields)
         conn.app = chan

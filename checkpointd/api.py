@@ -41,6 +41,7 @@ log = logging.getLogger("checkpointd.api")
 
 JSON_TYPE = "application/json"
 MAX_BODY = 64 * 1024        # a failsafe request is a few hundred bytes
+MAX_PASS_BODY = 1 << 30     # POST /pass: the queues of every passed connection
 PRIMARY_PATHS = ("/primary", "/leader")
 STANDBY_PATHS = ("/standby", "/replica")
 ALIVE_PATHS = ("/health", "/liveness")
@@ -81,11 +82,13 @@ class AgentAPI:
                  metrics: AgentMetrics | None = None, *, liveness_s: float = 5.0,
                  clock: Callable[[], float] = time.monotonic,
                  on_failsafe: Callable[[dict], dict] | None = None,
-                 on_poke: Callable[[dict], dict] | None = None):
+                 on_poke: Callable[[dict], dict] | None = None,
+                 on_pass: Callable[[bytes], dict] | None = None):
         self.host, self.port = parse_listen(listen) if isinstance(listen, str) else listen
         self.status, self.metrics = status, metrics
         self.liveness_s, self.clock = liveness_s, clock
         self.on_failsafe = on_failsafe
+        self.on_pass = on_pass   # POST /pass: a switchover's pass (binary, sealed)
         self.on_poke = on_poke   # POST /poke: a partner released the leader key, look now
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -155,6 +158,15 @@ class AgentAPI:
         return 404, JSON_TYPE, _json({"error": f"no such endpoint: {path}"})
 
     def answer_post(self, path: str, body: bytes) -> tuple[int, str, bytes]:
+        if path == "/pass":
+            if self.on_pass is None:
+                return 503, JSON_TYPE, _json({"error": "pass is not available on this agent"})
+            try:
+                reply = self.on_pass(body)
+            except Exception as exc:
+                log.exception("/pass failed")
+                return 500, JSON_TYPE, _json({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+            return (200 if reply.get("ok") else 409), JSON_TYPE, _json(reply)
         callback = {"/failsafe": self.on_failsafe, "/poke": self.on_poke}.get(path, False)
         if callback is False:
             return 404, JSON_TYPE, _json({"error": f"no such endpoint: {path}"})
@@ -207,9 +219,10 @@ class _Handler(BaseHTTPRequestHandler):
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             length = -1
-        if not 0 <= length <= MAX_BODY:
-            self._reply(413 if length > MAX_BODY else 400, JSON_TYPE,
-                        _json({"error": f"Content-Length must be 0..{MAX_BODY}"}))
+        limit = MAX_PASS_BODY if self._path() == "/pass" else MAX_BODY
+        if not 0 <= length <= limit:
+            self._reply(413 if length > limit else 400, JSON_TYPE,
+                        _json({"error": f"Content-Length must be 0..{limit}"}))
             return
         body = self.rfile.read(length)
         self._reply(*self.server.api.answer_post(self._path(), body))

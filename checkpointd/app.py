@@ -52,7 +52,9 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 import queue
+import select
 import socket
 import struct
 import threading
@@ -75,6 +77,18 @@ RETRY_PERIOD = 0.002       # deferred commits are retried this often (see Protec
 class AppError(TcpcpError):
     """The agent is not there, went away, or refused a request; or the application
     misused the library (a commit that contradicts what was read and written)."""
+
+
+class ConnectionPassed(AppError):
+    """The connection now lives on another host (a switchover passed it, or the agent
+    dropped it because another host took over). Its socket here is a silent, dead
+    endpoint: stop serving it and close it; never ``release`` it (that would delete the
+    record the other host may need)."""
+
+
+# a connection's part in a switchover (``freeze``): serving, asked to stop at its next
+# quiescent point, stopped there (the agent has its exact state), gone to another host
+_LIVE, _ASKED, _FROZEN, _PASSED = "live", "asked", "frozen", "passed"
 
 
 def outq(sock: socket.socket) -> int:
@@ -134,6 +148,10 @@ class AgentClient:
         self._closed: str | None = None                      # why the channel is gone
         self._deferred: set[Protected] = set()
         self._retry = threading.Condition(self._lock)
+        # readable while a freeze is asked: wakes handlers parked in recv/send (_park)
+        self._freeze_r, self._freeze_w = os.pipe()
+        os.set_blocking(self._freeze_r, False)
+        os.set_blocking(self._freeze_w, False)
         self._reader = threading.Thread(target=self._read_loop, daemon=True, name="tcpcp-app-reader")
         self._reader.start()
         self._retrier = threading.Thread(target=self._retry_loop, daemon=True, name="tcpcp-app-retry")
@@ -203,6 +221,11 @@ class AgentClient:
             pass
         self._reader.join(5)
         self._chan.close()
+        for fd in (self._freeze_r, self._freeze_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def __enter__(self) -> "AgentClient":
         return self
@@ -307,8 +330,49 @@ class AgentClient:
                 p = self._conns.get(key)
             if p is not None:
                 p._on_durable(msg["seq"])
+        elif msg.op == "freeze":
+            self._on_freeze()
+        elif msg.op == "passed":
+            with self._lock:
+                p = self._conns.pop(key, None)
+                if p is not None:
+                    self._deferred.discard(p)
+            if p is not None:
+                p._on_passed(msg["reason"])
+        elif msg.op == "thaw":
+            self._on_thaw()
         else:
             log.warning("unexpected %s from the agent", msg.op)
+
+    def _on_freeze(self) -> None:
+        """The agent passes this host's connections (switchover): each one stops at its
+        next quiescent point. Those already there (a handler parked in recv or send, or
+        not in the library at all) stop now; the pipe wakes the parked handlers."""
+        try:
+            os.write(self._freeze_w, b"F")
+        except OSError:
+            pass
+        with self._lock:
+            conns = list(self._conns.values())
+        for p in conns:
+            p._ask_freeze()
+
+    def _on_thaw(self) -> None:
+        with self._lock:
+            conns = list(self._conns.values())
+        try:
+            while os.read(self._freeze_r, 4096):
+                pass
+        except OSError:
+            pass
+        for p in conns:
+            p._thaw()
+
+    def _freezing(self) -> bool:
+        try:
+            return bool(select.select([self._freeze_r], [], [], 0)[0])
+        except (OSError, ValueError):
+            return False
 
     def _on_resume(self, msg: protocol.Message) -> None:
         try:
@@ -318,11 +382,16 @@ class AgentClient:
             log.warning("resume %s: bad descriptor: %s", msg["conn"], exc)
             return
         I, O, D = msg["input"], msg["output"], msg["discard"]
+        n = msg["unacked_len"]
+        state, unacked = (msg.payload[:-n], msg.payload[-n:]) if n else (msg.payload, b"")
         # R restarts at I (the receive side was restored there and the peer resends the
-        # rest); the kept output stream continues at P = O + D, which is what the agent
-        # anchored this connection's write side at.
-        p = Protected(self, sock, msg["conn"], state=msg.payload, input=I, output=O, read=I,
+        # rest, or, after a switchover, the passed receive queue holds it); the kept
+        # output stream continues at P = O + D, which is what the agent anchored this
+        # connection's write side at.
+        p = Protected(self, sock, msg["conn"], state=state, input=I, output=O, read=I,
                       write=O + D, regenerable=self.regenerable, discard=D, resumed=True)
+        if unacked and not self.regenerable and not D:
+            p._history += unacked     # the passed send queue: [P - len, P)
         with self._lock:
             old = self._conns.get(p.conn)
             self._conns[p.conn] = p
@@ -397,16 +466,37 @@ class Protected:
         self._pending: tuple | None = None   # a deferred commit: (seq, state, input, output)
         self._io = threading.RLock()    # W, the history and commits move together
         self._cv = threading.Condition()
+        # switchover (``freeze``): the phase, the threads inside a data-moving syscall,
+        # and the last commit's (state, I, O), which is what a frozen connection passes
+        self._phase = _LIVE
+        self._in_io = 0
+        self._committed = (bytes(state), input, output)
+        self.passed: str | None = None      # why the connection left this host
 
     # -- counted I/O -------------------------------------------------------------------------
     def recv(self, n: int, flags: int = 0) -> bytes:
         """``sock.recv``, counted into R. Returns what the socket returned (b"" at EOF);
-        BlockingIOError and timeouts propagate unchanged."""
+        BlockingIOError and timeouts propagate unchanged. Raises ConnectionPassed once a
+        switchover has passed the connection to another host.
+
+        A blocking recv waits in ``poll`` (on the socket and the freeze pipe), not in
+        the kernel, so that a switchover can freeze the connection while its handler
+        waits for input: the bytes then stay in the receive queue, which is passed."""
         if flags & socket.MSG_PEEK:
             return self.sock.recv(n, flags)
-        data = self.sock.recv(n, flags)
-        self.read += len(data)
-        return data
+        while True:
+            timeout = self._park(select.POLLIN)
+            self._io_enter()
+            try:
+                data = self.sock.recv(n, flags | (socket.MSG_DONTWAIT if timeout != 0.0 else 0))
+            except (BlockingIOError, InterruptedError):
+                if timeout == 0.0:
+                    raise
+                continue
+            finally:
+                self._io_leave()
+            self.read += len(data)
+            return data
 
     def send(self, data) -> int:
         """``sock.send``, counted into W; returns how many bytes of ``data`` were taken.
@@ -415,7 +505,8 @@ class Protected:
         ``discarded``, not written, not in W): they are the regenerated copy of bytes the
         peer already has. Swallowed bytes count as taken, so a return value larger than
         what the socket accepted is normal then. BlockingIOError propagates only when
-        nothing at all was taken.
+        nothing at all was taken. Raises ConnectionPassed after a switchover passed the
+        connection. A blocking send waits for room in ``poll``, like ``recv``.
         """
         view = memoryview(data).cast("B")
         with self._io:
@@ -423,14 +514,111 @@ class Protected:
             rest = view[taken:]
             if not rest:
                 return taken
-            try:
-                n = self.sock.send(rest)
-            except (BlockingIOError, InterruptedError, TimeoutError):
-                if taken:
-                    return taken
-                raise
-            self._wrote(rest[:n])
-            return taken + n
+            while True:
+                try:
+                    timeout = self._park(select.POLLOUT)
+                except (BlockingIOError, TimeoutError):
+                    if taken:
+                        return taken
+                    raise
+                self._io_enter()
+                try:
+                    n = self.sock.send(rest, socket.MSG_DONTWAIT if timeout != 0.0 else 0)
+                except (BlockingIOError, InterruptedError, TimeoutError):
+                    if timeout != 0.0 and not taken:
+                        continue
+                    if taken:
+                        return taken
+                    raise
+                finally:
+                    self._io_leave()
+                self._wrote(rest[:n])
+                return taken + n
+
+    # -- switchover: freezing at a quiescent point ---------------------------------------------
+    def _park(self, events: int) -> float | None:
+        """Wait (outside the kernel's recv/send) until the socket is ready for
+        ``events``; the socket's timeout applies (TimeoutError). Returns the timeout
+        (0.0: non-blocking, nothing waited). While a freeze is asked the freeze pipe is
+        readable and wakes the wait, so that ``_io_enter`` can stop this handler."""
+        timeout = self.sock.gettimeout()
+        if timeout == 0.0:
+            return timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        poller = select.poll()
+        poller.register(self.sock.fileno(), events)
+        poller.register(self.client._freeze_r, select.POLLIN)
+        while True:
+            wait = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
+            ready = poller.poll(wait)
+            fds = {fd for fd, _ in ready}
+            if self.sock.fileno() in fds:
+                return timeout
+            if fds:                      # the freeze pipe
+                with self._cv:
+                    if self._phase in (_FROZEN, _PASSED) or (self._phase == _ASKED and self._quiescent()):
+                        return timeout   # _io_enter stops here
+                # asked, but this handler has not reached a quiescent point: carry on
+                # without the pipe (it stays readable while the freeze lasts)
+                poller.unregister(self.client._freeze_r)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError("timed out")
+
+    def _quiescent(self) -> bool:
+        """The last commit reflects every byte read (and, for logged output, written):
+        the state the agent passes is exact. Call with ``_cv`` held."""
+        _, inp, out = self._committed
+        return inp == self.read and (self.regenerable or out == self.write)
+
+    def _io_enter(self) -> None:
+        with self._cv:
+            while True:
+                if self._phase == _ASKED and self._in_io == 0 and self._quiescent():
+                    self._freeze_now()
+                if self._phase == _FROZEN:
+                    self._cv.wait()
+                    continue
+                if self._phase == _PASSED:
+                    raise ConnectionPassed(f"{self.conn}: {self.passed}")
+                self._in_io += 1
+                return
+
+    def _io_leave(self) -> None:
+        with self._cv:
+            self._in_io -= 1
+
+    def _ask_freeze(self) -> None:
+        with self._cv:
+            if self._phase == _LIVE and not self.released:
+                self._phase = _ASKED
+                if self._in_io == 0 and self._quiescent():
+                    self._freeze_now()
+
+    def _freeze_now(self) -> None:
+        """Stop here and give the agent the exact state (``_cv`` held)."""
+        state, inp, out = self._committed
+        try:
+            self.client._send("frozen", state, conn=self.conn, input=inp, output=out,
+                              read=self.read, write=self.write, regenerable=int(self.regenerable))
+        except AppError as exc:
+            log.warning("freeze of %s not reported: %s", self.conn, exc)
+            self._phase = _LIVE
+            return
+        self._phase = _FROZEN
+
+    def _thaw(self) -> None:
+        with self._cv:
+            if self._phase in (_ASKED, _FROZEN):
+                self._phase = _LIVE
+            self._cv.notify_all()
+
+    def _on_passed(self, reason: str) -> None:
+        with self._cv:
+            self._phase = _PASSED
+            self.passed = reason
+            if self.error is None:
+                self.error = f"passed: {reason}"
+            self._cv.notify_all()
 
     def sendall(self, data) -> None:
         """Send all of ``data``: ``send`` in a loop, so the discard and the counting apply.
@@ -482,6 +670,8 @@ class Protected:
         is deferred (not lost) and sent by a background thread as soon as the peer has
         acknowledged enough of them (usually within one round trip) or the discard is over.
         """
+        if self.passed is not None:
+            raise ConnectionPassed(f"commit {self.conn}: {self.passed}")
         if self.error is not None:
             raise AppError(f"commit {self.conn}: the agent reported: {self.error}")
         if self.released:
@@ -499,6 +689,10 @@ class Protected:
             self._pending = (self.seq, bytes(state), input, output)
             seq = self.seq
             sent = self._flush()
+            with self._cv:
+                self._committed = (bytes(state), input, output)
+                if self._phase == _ASKED and self._in_io == 0 and self._quiescent():
+                    self._freeze_now()
         if not sent:
             self.client._defer(self)
         return seq
@@ -599,7 +793,7 @@ class Protected:
     def close(self) -> None:
         """``release`` (if the agent is still there) and close the socket."""
         try:
-            if self.client.connected and self.error is None:
+            if self.client.connected and self.error is None and self.passed is None:
                 self.release()
         finally:
             self.sock.close()

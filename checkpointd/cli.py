@@ -125,6 +125,7 @@ def run(config_path: str | None, no_gate: bool, status_path: str | None, fault_p
     if config.api_listen:
         api = AgentAPI(config.api_listen, lambda: {**agent.status(), "conns": agent.connections()},
                        metrics, on_failsafe=agent.on_failsafe, on_poke=agent.on_poke,
+                       on_pass=agent.on_pass,
                        liveness_s=max(1.0, 3 * config.renew_interval))
     if fault_point:
         agent.fault_point = fault_point

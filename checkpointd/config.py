@@ -44,6 +44,12 @@ Settings (section.key, unit, default)::
     api.failsafe                 ask the partners for fail-safe when etcd is          true
                                  unreachable (docs/failover.md); false: fence
     log.format                   text or json (one JSON object per line)           text
+    switchover.pass              a switchover passes connections live (the paper's   true
+                                 Section 2: frozen application, whole queues) to the
+                                 target's API; false: final checkpoint and resurrection
+    switchover.freeze_timeout    s, how long a switchover waits for the applications 0.5
+                                 to reach a quiescent point; the late ones go by
+                                 checkpoint
 
 Rules checked at load (timings in seconds; names as above, section omitted)::
 
@@ -84,6 +90,10 @@ Rules checked at load (timings in seconds; names as above, section omitted)::
             fail-safe must fit before the fencing deadline: a renewal that times out, then
             the question to the partner, which may first try etcd itself (one more
             retry_timeout), plus 0.1 s for the round trip and scheduling.
+
+switchover.freeze_timeout needs no rule: the primary does not renew while its
+applications freeze (they still serve, unisolated), so the wait is cut short at the
+fencing deadline less fence_margin whatever the setting (checkpointd/switchover.py).
 """
 
 from __future__ import annotations
@@ -186,6 +196,8 @@ class Config:
     api_partners: tuple[str, ...] = _setting("api", "partners", "urls", ())
     api_failsafe: bool = _setting("api", "failsafe", "bool", True)
     log_format: str = _setting("log", "format", "logformat", "text")
+    switchover_pass: bool = _setting("switchover", "pass", "bool", True)
+    freeze_timeout: float = _setting("switchover", "freeze_timeout", "seconds", 0.5)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -326,12 +338,12 @@ def _check_kind(f: dataclasses.Field, value: Any) -> Any:
 
 
 def _check_rules(c: Config) -> None:
-    """R1..R10 of the module docstring, in that order; the first broken one raises."""
+    """R1..R11 of the module docstring, in that order; the first broken one raises."""
     for attr in ("lease_ttl", "renew_interval", "retry_timeout", "fence_margin",
                  "checkpoint_interval", "commit_interval", "msl"):
         if not getattr(c, attr) > 0:
             raise ConfigError(Config.setting_name(attr), f"must be > 0, not {getattr(c, attr)}")
-    for attr in ("clock_skew", "unprotected_grace"):
+    for attr in ("clock_skew", "unprotected_grace", "freeze_timeout"):
         if getattr(c, attr) < 0:
             raise ConfigError(Config.setting_name(attr), f"must be >= 0, not {getattr(c, attr)}")
     attempts = c.renew_interval + 2 * c.retry_timeout

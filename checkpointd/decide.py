@@ -264,8 +264,10 @@ class Resurrect:
 
 @dataclass(frozen=True)
 class PassConnections:
-    """Switchover: dump every (already isolated) connection fully and write the records
-    for ``target`` in ``epoch`` (the paper's Section 2; no determinism needed)."""
+    """Switchover: freeze the applications, isolate every connection (as
+    ``FenceConnections``), pass the frozen ones whole to ``target`` (the paper's Section
+    2; no determinism needed) and write a final record of the rest, in ``epoch``
+    (checkpointd/switchover.py). Ends with every connection isolated, whatever fails."""
 
     target: str
     epoch: int
@@ -677,9 +679,9 @@ def _switchover(state: HAState, obs: SwitchoverRequested, now: float, config: Co
         return _decide(state, now, config,
                        f"switchover to {obs.target} ignored: it is already primary")
     return _decide(state, now, config, (
-        f"switching over to {obs.target}: isolated the connections, passing them in epoch "
-        f"{state.epoch}, releasing the virtual IPs and the leader key"),
-        FenceConnections(), PassConnections(obs.target, state.epoch), _vips(config)[1],
+        f"switching over to {obs.target}: freezing the applications, isolating and passing "
+        f"the connections in epoch {state.epoch}, releasing the virtual IPs and the leader key"),
+        PassConnections(obs.target, state.epoch), _vips(config)[1],
         ReleaseLeader(), role=Role.DEMOTED, switchover_to=obs.target, switchover_at=now)
 
 

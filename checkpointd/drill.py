@@ -232,10 +232,12 @@ def run(connections: int = 20, *, seed: int = 1, lease_ttl: float = 1.0, http_ra
         result.update(
             connections=connections, seed=seed, lease_ttl_s=lease_ttl,
             resurrected=status_b["counters"]["resurrected"],
+            passed_live=status_b["counters"].get("passed_in", 0),
             refused=status_b["counters"]["refused"],
             http_max_gap_ms=round(gap * 1000, 1), kv_max_gap_ms=result.get("kv_max_gap_ms", 0.0),
             http_gap_ends_ms=[round((t - killed) * 1000) for _, _, t in sampler.gaps(killed - 5, time.monotonic())[:5]],
-            resumed_ms=round((res["at"] - killed) * 1000, 1) if res.get("at") else None,
+            resumed_ms=round((min(res["at"], res.get("passed_at", res["at"])) - killed) * 1000, 1)
+            if res.get("at") else None,
             max_gap_ms=round(max(gap * 1000, result.pop("kv_max_gap_ms", 0.0)), 1),
             detection_ms=round((detection - killed) * 1000, 1) if detection else None,
             takeover_ms=round((takeover - killed) * 1000, 1) if takeover else None,

@@ -255,7 +255,7 @@ ROLES = ("primary", "standby", "fenced", "promoting", "demoted", "starting")
 #: Why a checkpoint record was refused, as the metric labels it. The store's reasons
 #: (checkpointd/store/errors.py REASONS) and resurrect/core.py's map onto these, so that
 #: alerts need not know which layer refused.
-REFUSAL_REASONS = ("authentication", "epoch", "msl", "bytes", "decode")
+REFUSAL_REASONS = ("authentication", "epoch", "msl", "bytes", "decode", "pass")
 _REFUSAL_ALIASES = {"stale": "msl", "size": "bytes", "format": "decode", "version": "decode"}
 
 

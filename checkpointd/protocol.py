@@ -26,7 +26,17 @@ Application -> agent:
   release   conn                                               -> released
 Agent -> application:
   registered conn | durable conn, seq | released conn | error conn, reason
-  resume    conn, input, output, discard  + fd + state          (on the new primary)
+  resume    conn, input, output, discard, unacked_len  + fd + state, followed by the
+            output the library keeps as unacknowledged (logged mode)  (on the new primary)
+Switchover by passing (checkpointd/livepass.py), agent -> application:
+  freeze                 every connection of this channel: stop at the next point where
+                         the last commit reflects everything read (and, for logged
+                         output, written), and say so                  -> frozen (each)
+  passed    conn, reason the connection now lives elsewhere (the socket is a silent,
+                         dead endpoint: close it, do not release it)
+  thaw                   the freeze is over: connections not passed continue
+Application -> agent:
+  frozen    conn, input, output, read, write, regenerable  + state (the last commit's)
 
 ``input`` is the commit offset I (input consumed and reflected in the state), ``output``
 the output offset O the state resumes its output at, ``read``/``write`` the bytes read
@@ -55,7 +65,11 @@ OPS = {
     "durable": ("conn", "seq"),
     "released": ("conn",),
     "error": ("conn", "reason"),
-    "resume": ("conn", "input", "output", "discard"),
+    "resume": ("conn", "input", "output", "discard", "unacked_len"),
+    "freeze": (),
+    "frozen": ("conn", "input", "output", "read", "write", "regenerable"),
+    "passed": ("conn", "reason"),
+    "thaw": (),
 }
 _WITH_FD = {"register", "resume"}
 

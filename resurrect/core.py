@@ -46,7 +46,9 @@ class Prepared:
     reasons: dict = field(default_factory=dict)   # conn key -> reason
 
 
-def prepare(agent, epoch: int) -> Prepared:
+def prepare(agent, epoch: int, skip: frozenset | set = frozenset()) -> Prepared:
+    """``skip``: keys of connections that arrived live by a switchover's pass (their
+    endpoints exist already; checkpointd/switchover.py)."""
     out = Prepared(epoch)
     t0 = agent.clock()
     try:
@@ -62,6 +64,8 @@ def prepare(agent, epoch: int) -> Prepared:
         out.reasons[key] = str(err)
     stale_before = agent.stale_epochs.get(epoch)
     for key, rec in opened.records.items():
+        if rec.conn_key in skip:
+            continue
         ok, why = may_resurrect(RecordMeta(epoch=rec.epoch, wall_ns=rec.wall_ns), now_ns,
                                 agent.config, epoch=epoch)
         if ok and stale_before is not None and rec.wall_ns <= stale_before:

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 
-from ..app import AgentClient, AppError, Unprotected
+from ..app import AgentClient, AppError, ConnectionPassed, Unprotected
 
 log = logging.getLogger("checkpointd.apps")
 
@@ -54,7 +54,8 @@ class Server:
     def __init__(self, listener: socket.socket | None = None, client: AgentClient | None = None):
         self.listener, self.client = listener, client
         self.handles: dict[str, object] = {}       # conn key -> handle, live connections
-        self.stats = {"accepted": 0, "resumed": 0, "completed": 0, "errors": 0, "abandoned": 0}
+        self.stats = {"accepted": 0, "resumed": 0, "completed": 0, "errors": 0, "abandoned": 0,
+                      "passed": 0}
         self._stopping = threading.Event()
         self._abandon = threading.Event()
         self._wake_r, self._wake_w = os.pipe()   # readable once stopping or abandoning
@@ -224,6 +225,13 @@ class Server:
         try:
             self.serve_conn(p)
             self.stats["completed"] += 1
+        except ConnectionPassed as exc:
+            # a switchover passed it (or another host took over): the socket here is a
+            # silent endpoint in repair mode; closing it sends nothing, releasing it
+            # would delete the record the other host may need
+            log.info("%s: %s", self.name, exc)
+            self.stats["passed"] += 1
+            p.sock.close()
         except Stopped as exc:
             if str(exc) == "abandoned":
                 self.stats["abandoned"] += 1

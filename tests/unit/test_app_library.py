@@ -116,7 +116,7 @@ class FakeAgent:
         with self.cv:
             self.socks[conn] = socket.socket(fileno=os.dup(sock.fileno()))
         self.send("resume", state, fd=sock.fileno(), chan=chan, conn=conn, input=input,
-                  output=output, discard=discard)
+                  output=output, discard=discard, unacked_len=0)
 
     def close(self):
         self.listener.close()

@@ -185,7 +185,7 @@ CASES = [
     ("primary-resumed-at-deadline", st_(PRIMARY, paused=True), Resumed(), 100.5, Role.FENCED, FENCE,
      "fenced"),
     ("primary-switchover", PRIMARY, SwitchoverRequested(OTHER), 100.25, Role.DEMOTED,
-     (FenceConnections(), PassConnections(OTHER, 8), RELEASE, ReleaseLeader()),
+     (PassConnections(OTHER, 8), RELEASE, ReleaseLeader()),
      "switching over to host-b"),
     ("primary-switchover-to-self", PRIMARY, SwitchoverRequested(ME), 100.25, Role.PRIMARY, (),
      "already primary"),

@@ -53,4 +53,5 @@ def test_fd_must_match_the_op():
     with pytest.raises(ProtocolError):
         protocol.decode(raw, fd=5)
     with pytest.raises(ProtocolError):
-        protocol.decode(protocol.encode("resume", conn="k", input=0, output=0, discard=0))
+        protocol.decode(protocol.encode("resume", conn="k", input=0, output=0, discard=0,
+                                        unacked_len=0))

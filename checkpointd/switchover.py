@@ -1,0 +1,391 @@
+"""Planned switchover by passing: the paper's Section 2 between two agents.
+
+Origin (the primary, ``pass_out``, the ``PassConnections`` action)::
+
+    freeze the applications          each connection stops at its next quiescent point:
+                                     its last commit reflects every byte read (and, for
+                                     logged output, written); the library reports that
+                                     exact state (``frozen``)
+    isolate every connection         one nft transaction (the fence)
+    dump the frozen ones             TCP_REPAIR, receive and send queues whole
+    POST /pass to the target         sealed (checkpointd/passwire.py); the target
+                                     validates all of it and creates every endpoint in
+                                     repair mode before answering
+    the rest by checkpoint           connections not frozen in time (an application busy
+                                     mid-message) get a final durable record instead
+    tell the applications            ``passed`` (their handler stops), SHUT_RD wakes
+                                     idle handlers, the endpoints are closed in repair
+                                     mode: no FIN, no RST
+    (then ReleaseVip, after which the isolation of the passed tuples is lifted, and
+    ReleaseLeader, which pokes the target)
+
+Destination (a standby, ``accept`` on ``POST /pass``, ``activate`` at the takeover)::
+
+    open and check the message       key, cluster, target, epoch of the leader it
+                                     follows, age, nonce, every ICI, every address a VIP
+    create every endpoint            repair mode, FREEBIND (the VIP is not here yet)
+    ... acquire the leader key, take the VIP (the ordinary takeover) ...
+    guard, activate, hand over       the ACK gate starts at the newest durable input
+                                     (the peer was never acknowledged beyond it), the
+                                     application resumes at exactly R and W with the
+                                     frozen state; its first record is written at once
+
+Why the gate starts at the durable input and not at R: if the destination dies before
+its first record is durable, the next takeover resurrects from the origin's records,
+which end there. Why nothing is probed or nudged: the origin's dump is exact and the
+pass is shorter than the peer's retransmission timer.
+
+If the target refuses or cannot be reached, every dumped endpoint leaves repair mode
+where it stopped (the isolation stays: the switchover goes on) and all connections go by
+checkpoint, as before this module existed: still lossless for applications whose output
+is regenerable or logged.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+from kernel import repair
+from kernel.errors import TcpcpError
+from kernel.isolate import tuple_of
+
+from . import passwire, protocol
+from .conns import Registration
+
+PASS_TIMEOUT = 5.0          # seconds for the target to validate and create everything
+
+
+@dataclass
+class Outcome:
+    """What ``pass_out`` did: the keys passed live, and figures for the note."""
+
+    passed: list = field(default_factory=list)     # Conn objects, endpoints in repair mode
+    frozen: int = 0
+    asked: int = 0
+    phases_ms: dict = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass
+class Incoming:
+    """Endpoints created in repair mode for a pass, waiting for the takeover."""
+
+    pass_: passwire.Pass
+    items: list                  # (PassedConn, ICI, Restored)
+    until: float                 # monotonic: dropped (silently) if not activated by then
+
+
+# -- origin ----------------------------------------------------------------------------------
+
+def partner_url(agent, target: str) -> str | None:
+    """The REST API of the agent named ``target``, among ``api.partners`` (each says its
+    host name on GET /status)."""
+    for partner in agent.config.api_partners:
+        url = (partner if "//" in partner else f"http://{partner}").rstrip("/")
+        try:
+            with urllib.request.urlopen(url + "/status", timeout=0.5) as r:
+                if json.load(r).get("host") == target:
+                    return url
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def pass_out(agent, target: str, epoch: int) -> Outcome:
+    """Freeze, isolate, dump and send every connection that can go live; see the module
+    docstring. Always leaves every connection isolated (fenced). Never raises for the
+    target's refusal: ``Outcome.error`` says it and ``passed`` is empty."""
+    out = Outcome()
+    t0 = agent.clock()
+
+    def mark(name):
+        out.phases_ms[name] = round((agent.clock() - t0) * 1000, 1)
+
+    url = partner_url(agent, target)
+    mark("target_found")
+    with agent.lock:
+        candidates = [c for c in agent.conns.values()
+                      if c.app is not None and c.guard is not None and not c.exposed]
+    with agent.frozen_cv:
+        agent.frozen = {}
+    if url is None:
+        out.error = f"no partner in api.partners answers as {target}"
+    elif candidates:
+        out.asked = len(candidates)
+        frozen = _freeze(agent, candidates)
+        mark("frozen")
+        out.frozen = len(frozen)
+    else:
+        frozen = {}
+    agent._fence()
+    mark("isolated")
+    if url is None or not frozen:
+        _thaw(agent, candidates)
+        return out
+    dumped = []
+    for c in candidates:
+        msg = frozen.get(c.key)
+        if msg is None:
+            continue
+        try:
+            repair.repair_on(c.sock)
+            ici = repair.dump(c.sock)
+        except TcpcpError as exc:
+            _quietly_off(c.sock)
+            agent.note(f"{c.key}: not passed live, dump failed: {exc}")
+            continue
+        dumped.append((c, msg, ici))
+    mark("dumped")
+    p = passwire.Pass(
+        cluster=agent.config.cluster_name, origin=agent.config.host_name, target=target,
+        epoch=epoch, wall_ns=agent.wall(),
+        conns=tuple(passwire.PassedConn(
+            key=c.key, ici=ici.encode(), state=msg.payload, input=msg["read"],
+            output=msg["output"], write=msg["write"], durable_input=min(c.durable_input, msg["read"]),
+            regenerable=bool(msg["regenerable"])) for c, msg, ici in dumped),
+        by_checkpoint=tuple(sorted(set(agent.conns) - {c.key for c, _, _ in dumped})))
+    try:
+        blob = passwire.seal(p, agent.keyring)
+        mark("sealed")
+        answer = _post(url + "/pass", blob, PASS_TIMEOUT)
+        if not answer.get("ok"):
+            raise PassFailed(answer.get("error") or "refused")
+    except (OSError, ValueError, PassFailed, TcpcpError) as exc:
+        out.error = f"{target} did not take the pass: {exc}"
+        for c, _, _ in dumped:
+            _quietly_off(c.sock)
+        _thaw(agent, candidates)
+        mark("undone")
+        return out
+    mark("accepted")
+    out.passed = [c for c, _, _ in dumped]
+    return out
+
+
+def finish_out(agent, passed: list, target: str) -> None:
+    """The target holds the passed endpoints: let go of ours. The applications hear
+    ``passed`` first (their handlers are frozen, so none can read in between), then
+    SHUT_RD wakes the idle ones (nothing is sent: the socket is in repair mode and TCP
+    sends nothing for SHUT_RD anyway). The isolation stays until the VIP is gone."""
+    keys = {c.key for c in passed}
+    with agent.lock:
+        for key in keys:
+            agent.conns.pop(key, None)
+        agent.passed_tuples.extend(c.tuple for c in passed)
+    chans = set()
+    for c in passed:
+        if c.guard is not None:
+            try:
+                c.guard.remove()
+            except OSError:
+                pass
+        if c.app is not None:
+            chans.add(c.app)
+            try:
+                protocol.send(c.app, "passed", conn=c.key, reason=f"passed to {target}")
+            except OSError:
+                pass
+        try:
+            c.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+        repair.close_silently(c.sock)
+    for chan in chans:
+        try:
+            protocol.send(chan, "thaw")
+        except OSError:
+            pass
+
+
+class PassFailed(Exception):
+    pass
+
+
+def _freeze(agent, conns: list) -> dict:
+    """Ask every application channel to freeze; wait for each connection's exact state
+    until ``switchover.freeze_timeout`` or the fencing deadline, whichever is first."""
+    chans = {c.app for c in conns}
+    for chan in chans:
+        try:
+            protocol.send(chan, "freeze")
+        except OSError:
+            pass
+    keys = {c.key for c in conns}
+    deadline = agent.clock() + agent.config.freeze_timeout
+    last_renew = agent.machine.state.last_renew
+    if last_renew is not None:
+        deadline = min(deadline, agent.config.fence_deadline(last_renew) - agent.config.fence_margin)
+    with agent.frozen_cv:
+        while not keys <= set(agent.frozen):
+            left = deadline - agent.clock()
+            if left <= 0:
+                break
+            agent.frozen_cv.wait(left)
+        return {k: agent.frozen[k] for k in keys if k in agent.frozen}
+
+
+def _thaw(agent, conns: list) -> None:
+    for chan in {c.app for c in conns}:
+        try:
+            protocol.send(chan, "thaw")
+        except OSError:
+            pass
+
+
+def _quietly_off(sock) -> None:
+    try:
+        repair.repair_off(sock, window_probe=True)
+    except OSError:
+        pass
+
+
+def _post(url: str, blob: bytes, timeout: float) -> dict:
+    req = urllib.request.Request(url, data=blob, method="POST",
+                                 headers={"Content-Type": "application/octet-stream"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.load(r)
+    except urllib.error.HTTPError as exc:
+        try:
+            return json.load(exc)
+        except ValueError:
+            raise PassFailed(f"HTTP {exc.code}") from None
+
+
+# -- destination -----------------------------------------------------------------------------
+
+def accept(agent, blob: bytes) -> dict:
+    """POST /pass: check everything, then create every endpoint in repair mode. All or
+    nothing; a refusal creates nothing and says why."""
+    from .decide import Role
+
+    cfg = agent.config
+    with agent.ha_lock:
+        st = agent.machine.state
+    if st.role is not Role.STANDBY:
+        raise passwire.PassRefused("target", f"this host is {st.role.value}, not a standby")
+    p, icis = passwire.open_(blob, agent.keyring, cluster=cfg.cluster_name, target=cfg.host_name,
+                             now_ns=agent.wall(), max_age_s=cfg.lease_ttl + cfg.clock_skew)
+    if (st.holder, st.epoch) != (p.origin, p.epoch):
+        raise passwire.PassRefused("epoch", (
+            f"from {p.origin} in epoch {p.epoch}, but this host follows {st.holder} in "
+            f"epoch {st.epoch}"))
+    vips = set(cfg.vips)
+    for pc, ici in zip(p.conns, icis):
+        if ipaddress.ip_address(ici.local_addr) not in vips:
+            raise passwire.PassRefused("target", f"{pc.key}: {ici.local_addr} is not one of network.vips")
+    with agent.lock:
+        if p.nonce in agent.pass_nonces:
+            raise passwire.PassRefused("replay", f"nonce {p.nonce} was seen before")
+        agent.pass_nonces.add(p.nonce)
+        old, agent.incoming = agent.incoming, None
+    if old is not None:
+        drop_incoming(agent, old, "superseded by a newer pass")
+    made = []
+    try:
+        for pc, ici in zip(p.conns, icis):
+            made.append((pc, ici, repair.restore(ici, freebind=True, validated=True)))
+    except BaseException:
+        for _, _, r in made:
+            repair.close_silently(r.sock)
+        raise
+    with agent.lock:
+        agent.incoming = Incoming(p, made, agent.clock() + 2 * cfg.lease_ttl)
+    by_checkpoint = incoming_tuples(agent.incoming)
+    if by_checkpoint:   # no RST from this kernel for them once the VIP is here
+        agent.isolation.isolate(by_checkpoint)
+    agent.note(f"pass from {p.origin} (epoch {p.epoch}): {len(made)} endpoints created in repair "
+               f"mode, {len(p.by_checkpoint)} connections to come by checkpoint")
+    return {"ok": True, "host": cfg.host_name, "accepted": len(made),
+            "by_checkpoint": len(p.by_checkpoint)}
+
+
+def drop_incoming(agent, incoming: Incoming, why: str) -> None:
+    for _, _, r in incoming.items:
+        repair.close_silently(r.sock)
+    agent.isolation.release(incoming_tuples(incoming))
+    agent.note(f"dropped {len(incoming.items)} passed endpoints from {incoming.pass_.origin}: {why}")
+
+
+def activate(agent, epoch: int) -> tuple[set[str], list]:
+    """At the takeover (``Resurrect(epoch)``), before anything is read from etcd: guard,
+    activate and hand over every endpoint passed in that epoch. Returns their keys, which
+    the resurrection from records then skips, and the tuples isolated for the connections
+    announced to come by checkpoint (lifted once that resurrection is done)."""
+    from .agent import Commit, Conn, tcp_bytes
+
+    with agent.lock:
+        incoming, agent.incoming = agent.incoming, None
+    if incoming is None:
+        return set(), []
+    if incoming.pass_.epoch != epoch:
+        drop_incoming(agent, incoming, f"passed in epoch {incoming.pass_.epoch}, taking over {epoch}")
+        return set(), []
+    t0 = agent.clock()
+    guards = []
+    for pc, ici, _ in incoming.items:
+        held = (ici.copied_seq - (pc.input - pc.durable_input)) & 0xFFFFFFFF
+        guards.append(agent._guard(tuple_of(ici), held, ici.rcv_wscale))
+    done = set()
+    for (pc, ici, restored), guard in zip(incoming.items, guards):
+        try:
+            repair.activate(restored)
+        except TcpcpError as exc:
+            agent.note(f"{pc.key}: passed endpoint not activated: {exc}")
+            if guard is not None:
+                guard.remove()
+            repair.close_silently(restored.sock)
+            continue
+        sock = restored.sock
+        acked, received = tcp_bytes(sock)
+        reg = Registration(ici.replace(recv_queue=b"", rcv_nxt=ici.copied_seq), read=pc.input,
+                           write=pc.write, bytes_acked=acked, rcv_wscale=ici.rcv_wscale,
+                           bytes_received=received)
+        unacked = b"" if pc.regenerable else ici.send_queue
+        conn = Conn(pc.key, sock, None, reg, guard, state=pc.state)
+        conn.durable_input = pc.durable_input
+        # the first record under this epoch: the passed exact state, written at once
+        first = Commit(0, pc.input, pc.output, pc.input, pc.write, pc.state, unacked, agent.clock())
+        conn.last_commit, conn.pending = first, first
+        fields = dict(input=pc.input, output=pc.output, discard=pc.write - pc.output,
+                      unacked=unacked)
+        with agent.lock:
+            agent.conns[conn.key] = conn
+            chan = agent.apps.get(ici.local_port)
+            if chan is None:
+                agent.unclaimed.setdefault(ici.local_port, []).append((conn, fields))
+        if chan is not None:
+            agent._hand_over(chan, conn, fields)
+        done.add(pc.key)
+    agent.counters["passed_in"] = agent.counters.get("passed_in", 0) + len(done)
+    agent.note(f"activated {len(done)} passed connections in {(agent.clock() - t0) * 1000:.1f} ms")
+    with agent.wake:
+        agent._queued = True
+        agent.wake.notify_all()
+    return done, incoming_tuples(incoming)
+
+
+def incoming_tuples(incoming: Incoming) -> list:
+    return [t for t in map(_tuple_of_key, incoming.pass_.by_checkpoint) if t is not None]
+
+
+def _tuple_of_key(key: str):
+    """``laddr:lport-raddr:rport`` (IPv6 in brackets) as an isolation 4-tuple."""
+    try:
+        local, remote = key.split("]-[") if key.startswith("[") else key.split("-", 1)
+        if key.startswith("["):
+            local, remote = local + "]", "[" + remote
+
+        def part(text):
+            host, port = text.rsplit(":", 1)
+            return host.strip("[]"), int(port)
+        (lh, lp), (rh, rp) = part(local), part(remote)
+        return (lh, lp, rh, rp)
+    except ValueError:
+        return None
+
