@@ -26,6 +26,7 @@ import struct
 import threading
 import time
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from kernel import ackgate, repair, vip
@@ -55,6 +56,10 @@ def tcp_bytes(sock: socket.socket) -> tuple[int, int]:
 
 def tcp_timestamp(sock: socket.socket) -> int:
     return struct.unpack("=I", sock.getsockopt(socket.IPPROTO_TCP, 24, 4))[0]
+
+
+class UnknownConnection(KeyError):
+    """A request names a connection this agent does not hold (any more)."""
 
 
 @dataclass
@@ -141,11 +146,13 @@ class Agent:
         # applications reported (origin), tuples to keep isolated until the VIP is gone
         # (origin), endpoints created for a pass (destination), nonces seen (destination)
         self.frozen: dict = {}
+        self.frozen_at: list[float] = []
         self.frozen_cv = threading.Condition()
         self.passed_tuples: list = []
         self.incoming: switchover.Incoming | None = None
         self.pass_nonces: set[str] = set()
         self.last_switchover: dict | None = None
+        self.renewed_at: float | None = None   # the last renewal sent (any thread)
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> "Agent":
@@ -236,8 +243,9 @@ class Agent:
                 self.note(f"{decision.new_state.role.value}: {decision.reason}")
             self._last_role = decision.new_state.role
             follow = None
-            for action in decision.actions:
-                follow = self._do(action) or follow
+            with self._renewing(decision.actions):
+                for action in decision.actions:
+                    follow = self._do(action) or follow
             if follow is not None:
                 obs = follow
                 continue
@@ -251,6 +259,54 @@ class Agent:
                 self._observe_now(flag)
             obs = self._look()
 
+    @contextmanager
+    def _renewing(self, actions):
+        """Keep the lease renewed while ``actions`` run, if they may outlast it.
+
+        A takeover's resurrection and a switchover's pass of a thousand connections block
+        the HA loop for longer than a one-second lease may go unrenewed; the new primary
+        then lost its lease to a standby in the middle of resurrecting. Meanwhile this
+        thread renews every renew_interval and reports each renewal to the role machine
+        (a primary's fencing deadline moves with it); a failure ends it, and the loop,
+        once the actions are done, observes etcd and decides as always."""
+        long = (decide.Resurrect, decide.PassConnections, decide.Isolate)
+        if self.lease is None or not any(isinstance(a, long) for a in actions):
+            yield
+            return
+        stop = threading.Event()
+
+        def renew():
+            while not stop.wait(self.config.renew_interval):
+                lease = self.lease
+                if lease is None:
+                    return
+                sent = self.clock()
+                try:
+                    if self.store.renew(lease) <= 0:
+                        return
+                except StoreError:
+                    return
+                self.renewed_at = sent
+                if self.machine.state.role is not decide.Role.PRIMARY:
+                    continue   # a demoted origin only keeps the lease until it releases it
+                try:
+                    with self.ha_lock:
+                        decision = self.machine.observe(decide.LeaseRenewed(at=sent))
+                except decide.IllegalTransition:
+                    return
+                if decision.actions:
+                    self.note(f"{decision.new_state.role.value}: {decision.reason}")
+                    for action in decision.actions:
+                        self._do(action)
+
+        t = threading.Thread(target=renew, name="checkpointd-renew", daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            t.join()
+
     def _observe_now(self, obs) -> None:
         """One observation outside the loop's own (an operator's request): decide, log,
         act."""
@@ -261,8 +317,9 @@ class Agent:
             log.warning("%s", exc)
             return
         self.note(f"{decision.new_state.role.value}: {decision.reason}")
-        for action in decision.actions:
-            self._do(action)
+        with self._renewing(decision.actions):
+            for action in decision.actions:
+                self._do(action)
 
     def _look(self) -> object:
         """One observation of etcd for the current role."""
@@ -283,6 +340,7 @@ class Agent:
                 return decide.RenewFailed(last_ok=self.machine.state.last_renew or sent)
             self.etcd_down_since = None
             if ttl > 0:
+                self.renewed_at = sent
                 return decide.LeaseRenewed(at=sent)
             return decide.RenewFailed(last_ok=self.machine.state.last_renew or sent)
         try:
@@ -657,13 +715,7 @@ class Agent:
     def _drop(self) -> None:
         with self.lock:
             conns, self.conns = list(self.conns.values()), {}
-        for c in conns:
-            repair.close_silently(c.sock)
-            if c.guard is not None:
-                try:
-                    c.guard.remove()
-                except OSError:
-                    pass
+        switchover.let_go(conns, "dropped: another host took the connection over")
         self.isolation.release([c.tuple for c in conns])
         self.note(f"dropped {len(conns)} connections silently (another host owns them)")
 
@@ -686,7 +738,10 @@ class Agent:
                 try:
                     self._handle(chan, msg)
                 except Exception as exc:  # one bad request must not take the agent down
-                    log.exception("request %s failed", msg.op)
+                    if isinstance(exc, UnknownConnection):   # passed or dropped a moment ago
+                        log.debug("%s", exc)
+                    else:
+                        log.exception("request %s failed", msg.op)
                     conn = msg.fields.get("conn", "-")
                     if msg.fd is not None:
                         os.close(msg.fd)
@@ -713,9 +768,14 @@ class Agent:
             self._commit(msg)
         elif msg.op == "release":
             self._release(chan, msg["conn"])
-        elif msg.op == "frozen":
+        elif msg.op in ("frozen", "frozen_many"):
+            reports = ([(msg.fields, msg.payload)] if msg.op == "frozen" else
+                       protocol.decode_frozen_many(msg.payload, msg["count"]))
+            now = self.clock()
             with self.frozen_cv:
-                self.frozen[msg["conn"]] = msg
+                for fields, state in reports:
+                    self.frozen[fields["conn"]] = switchover.Frozen(state=state, **fields)
+                    self.frozen_at.append(now)
                 self.frozen_cv.notify_all()
         else:
             raise protocol.ProtocolError(f"{msg.op} is not a request")
@@ -765,7 +825,7 @@ class Agent:
         with self.lock:
             conn = self.conns.get(msg["conn"])
         if conn is None:
-            raise KeyError(f"{msg['conn']} is not registered")
+            raise UnknownConnection(f"{msg['conn']} is not registered (released, passed or dropped)")
         with conn.lock:
             if conn.pending is None or msg["seq"] > conn.pending.seq:
                 conn.pending = Commit(msg["seq"], msg["input"], msg["output"], msg["read"],
@@ -850,7 +910,8 @@ class Agent:
             try:
                 blob = self._seal(conn, c, epoch, now_wall)
             except (ValueError, OSError) as exc:
-                self.note(f"{conn.key}: checkpoint refused: {exc}")
+                if self.conns.get(conn.key) is conn:   # else released meanwhile: nothing to say
+                    self.note(f"{conn.key}: checkpoint refused: {exc}")
                 continue
             batch.append((conn, c, self.layout.conn(conn.key), blob))
         written = 0

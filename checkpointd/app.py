@@ -72,6 +72,7 @@ HISTORY_TRIM = 1 << 20     # trim the unacknowledged-output copy through SIOCOUT
 SWALLOW_KEEP = 32 << 20    # at most this much of the discarded bytes is kept (see _swallow)
 DEFAULT_TIMEOUT = 10.0
 RETRY_PERIOD = 0.002       # deferred commits are retried this often (see Protected.commit)
+PHASE_POLL_MS = 50         # a handler waiting out a freeze it cannot join rechecks this often
 
 
 class AppError(TcpcpError):
@@ -348,14 +349,24 @@ class AgentClient:
         """The agent passes this host's connections (switchover): each one stops at its
         next quiescent point. Those already there (a handler parked in recv or send, or
         not in the library at all) stop now; the pipe wakes the parked handlers."""
-        try:
+        with self._lock:
+            conns = list(self._conns.values())
+        batch: list = []
+        for p in conns:
+            p._ask_freeze(batch)
+        try:   # after the phases moved: a woken handler must see "asked"
             os.write(self._freeze_w, b"F")
         except OSError:
             pass
-        with self._lock:
-            conns = list(self._conns.values())
-        for p in conns:
-            p._ask_freeze()
+        for i in range(0, len(batch), 256):   # well within the message size
+            part = batch[i:i + 256]
+            try:
+                self._send("frozen_many", protocol.encode_frozen_many([(f, st) for _, f, st in part]),
+                           count=len(part))
+            except AppError as exc:
+                log.warning("freeze of %d connections not reported: %s", len(part), exc)
+                for p, _, _ in part:
+                    p._thaw()
 
     def _on_thaw(self) -> None:
         with self._lock:
@@ -489,13 +500,13 @@ class Protected:
             self._io_enter()
             try:
                 data = self.sock.recv(n, flags | (socket.MSG_DONTWAIT if timeout != 0.0 else 0))
+                self.read += len(data)
             except (BlockingIOError, InterruptedError):
                 if timeout == 0.0:
                     raise
                 continue
             finally:
                 self._io_leave()
-            self.read += len(data)
             return data
 
     def send(self, data) -> int:
@@ -524,6 +535,7 @@ class Protected:
                 self._io_enter()
                 try:
                     n = self.sock.send(rest, socket.MSG_DONTWAIT if timeout != 0.0 else 0)
+                    self._wrote(rest[:n])
                 except (BlockingIOError, InterruptedError, TimeoutError):
                     if timeout != 0.0 and not taken:
                         continue
@@ -532,7 +544,6 @@ class Protected:
                     raise
                 finally:
                     self._io_leave()
-                self._wrote(rest[:n])
                 return taken + n
 
     # -- switchover: freezing at a quiescent point ---------------------------------------------
@@ -548,8 +559,13 @@ class Protected:
         poller = select.poll()
         poller.register(self.sock.fileno(), events)
         poller.register(self.client._freeze_r, select.POLLIN)
+        watching = True
         while True:
+            if self._phase in (_FROZEN, _PASSED):
+                return timeout           # _io_enter waits or raises
             wait = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
+            if not watching:             # the freeze pipe is off: look at the phase often
+                wait = PHASE_POLL_MS if wait < 0 else min(wait, PHASE_POLL_MS)
             ready = poller.poll(wait)
             fds = {fd for fd, _ in ready}
             if self.sock.fileno() in fds:
@@ -559,8 +575,11 @@ class Protected:
                     if self._phase in (_FROZEN, _PASSED) or (self._phase == _ASKED and self._quiescent()):
                         return timeout   # _io_enter stops here
                 # asked, but this handler has not reached a quiescent point: carry on
-                # without the pipe (it stays readable while the freeze lasts)
+                # without the pipe (it stays readable while the freeze lasts), checking the
+                # phase every PHASE_POLL_MS (another thread may commit, then it is frozen
+                # or passed, and nothing else would wake a wait for room to write)
                 poller.unregister(self.client._freeze_r)
+                watching = False
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError("timed out")
 
@@ -584,22 +603,33 @@ class Protected:
                 return
 
     def _io_leave(self) -> None:
+        """R or W has moved: a regenerable connection that read nothing uncommitted is
+        quiescent again at once (a paced download freezes right after its send)."""
         with self._cv:
             self._in_io -= 1
+            if self._phase == _ASKED and self._in_io == 0 and self._quiescent():
+                self._freeze_now()
 
-    def _ask_freeze(self) -> None:
+    def _ask_freeze(self, batch: list) -> None:
+        """Frozen at once if quiescent and no thread is inside a recv or send: then its
+        report joins ``batch`` (sent by the caller, as one message)."""
         with self._cv:
             if self._phase == _LIVE and not self.released:
                 self._phase = _ASKED
                 if self._in_io == 0 and self._quiescent():
-                    self._freeze_now()
+                    state, inp, out = self._committed
+                    batch.append((self, self._frozen_fields(inp, out), state))
+                    self._phase = _FROZEN
+
+    def _frozen_fields(self, inp: int, out: int) -> dict:
+        return dict(conn=self.conn, input=inp, output=out, read=self.read, write=self.write,
+                    regenerable=int(self.regenerable))
 
     def _freeze_now(self) -> None:
         """Stop here and give the agent the exact state (``_cv`` held)."""
         state, inp, out = self._committed
         try:
-            self.client._send("frozen", state, conn=self.conn, input=inp, output=out,
-                              read=self.read, write=self.write, regenerable=int(self.regenerable))
+            self.client._send("frozen", state, **self._frozen_fields(inp, out))
         except AppError as exc:
             log.warning("freeze of %s not reported: %s", self.conn, exc)
             self._phase = _LIVE
@@ -760,6 +790,8 @@ class Protected:
         with self._cv:
             if self.error is None and not self.released:
                 self.error = why
+            if self._phase in (_ASKED, _FROZEN):   # no pass without the agent
+                self._phase = _LIVE
             self._cv.notify_all()
 
     def wait_durable(self, seq: int | None = None, timeout: float | None = None) -> bool:

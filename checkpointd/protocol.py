@@ -37,6 +37,8 @@ Switchover by passing (checkpointd/livepass.py), agent -> application:
   thaw                   the freeze is over: connections not passed continue
 Application -> agent:
   frozen    conn, input, output, read, write, regenerable  + state (the last commit's)
+  frozen_many  count  + ``encode_frozen_many``: every connection the library could stop
+               at once, in one message (a thousand reports would each wait for the GIL)
 
 ``input`` is the commit offset I (input consumed and reflected in the state), ``output``
 the output offset O the state resumes its output at, ``read``/``write`` the bytes read
@@ -70,7 +72,9 @@ OPS = {
     "frozen": ("conn", "input", "output", "read", "write", "regenerable"),
     "passed": ("conn", "reason"),
     "thaw": (),
+    "frozen_many": ("count",),
 }
+FROZEN_FIELDS = ("conn", "input", "output", "read", "write", "regenerable")
 _WITH_FD = {"register", "resume"}
 
 
@@ -170,3 +174,33 @@ def recv(sock: socket.socket) -> Message | None:
         if fd is not None:
             socket.close(fd)
         raise
+
+
+def encode_frozen_many(entries: list[tuple[dict, bytes]]) -> bytes:
+    """The payload of ``frozen_many`` (pure): ``entries`` are (fields of ``frozen``,
+    state). u32 index length | JSON index [[conn, input, output, read, write,
+    regenerable, state length], ...] | the states, in order."""
+    index = [[f[k] for k in FROZEN_FIELDS] + [len(state)] for f, state in entries]
+    head = json.dumps(index, separators=(",", ":")).encode()
+    return b"".join([_LEN.pack(len(head)), head] + [state for _, state in entries])
+
+
+def decode_frozen_many(payload: bytes, count: int) -> list[tuple[dict, bytes]]:
+    """Inverse of ``encode_frozen_many``; ProtocolError on any defect."""
+    try:
+        (hlen,) = _LEN.unpack_from(payload)
+        index = json.loads(payload[_LEN.size:_LEN.size + hlen])
+        pos, out = _LEN.size + hlen, []
+        for row in index:
+            fields = dict(zip(FROZEN_FIELDS, row[:len(FROZEN_FIELDS)]))
+            _check("frozen", fields)
+            n = row[len(FROZEN_FIELDS)]
+            if not isinstance(n, int) or n < 0 or pos + n > len(payload):
+                raise ProtocolError("frozen_many: a state runs past the message")
+            out.append((fields, bytes(payload[pos:pos + n])))
+            pos += n
+    except (struct.error, ValueError, TypeError, IndexError) as exc:
+        raise ProtocolError(f"frozen_many: {exc}") from None
+    if pos != len(payload) or len(out) != count:
+        raise ProtocolError(f"frozen_many: {len(out)} entries, {len(payload) - pos} bytes left over")
+    return out

@@ -50,7 +50,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-from kernel import repair
+from kernel import nudge, repair
 from kernel.errors import TcpcpError
 from kernel.isolate import tuple_of
 
@@ -69,6 +69,19 @@ class Outcome:
     asked: int = 0
     phases_ms: dict = field(default_factory=dict)
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class Frozen:
+    """A connection's exact state as its library reported it when it stopped."""
+
+    conn: str
+    input: int      # the last commit's I (== read: quiescent)
+    output: int     # the last commit's O (== write unless regenerable)
+    read: int
+    write: int
+    regenerable: int
+    state: bytes
 
 
 @dataclass
@@ -106,20 +119,28 @@ def pass_out(agent, target: str, epoch: int) -> Outcome:
     def mark(name):
         out.phases_ms[name] = round((agent.clock() - t0) * 1000, 1)
 
-    url = partner_url(agent, target)
-    mark("target_found")
     with agent.lock:
         candidates = [c for c in agent.conns.values()
                       if c.app is not None and c.guard is not None and not c.exposed]
     with agent.frozen_cv:
-        agent.frozen = {}
+        agent.frozen, agent.frozen_at = {}, []
+    _ask_freeze(agent, candidates)   # the applications stop while we find the target
+    url = partner_url(agent, target)
+    mark("target_found")
     if url is None:
         out.error = f"no partner in api.partners answers as {target}"
+        frozen = {}
     elif candidates:
         out.asked = len(candidates)
-        frozen = _freeze(agent, candidates)
+        frozen = _wait_frozen(agent, candidates)
         mark("frozen")
         out.frozen = len(frozen)
+        with agent.frozen_cv:
+            at = sorted(agent.frozen_at)
+        if at:   # how fast the applications stopped: first, median, last report
+            out.phases_ms.update(frozen_first=round((at[0] - t0) * 1000, 1),
+                                 frozen_median=round((at[len(at) // 2] - t0) * 1000, 1),
+                                 frozen_last=round((at[-1] - t0) * 1000, 1))
     else:
         frozen = {}
     agent._fence()
@@ -145,9 +166,9 @@ def pass_out(agent, target: str, epoch: int) -> Outcome:
         cluster=agent.config.cluster_name, origin=agent.config.host_name, target=target,
         epoch=epoch, wall_ns=agent.wall(),
         conns=tuple(passwire.PassedConn(
-            key=c.key, ici=ici.encode(), state=msg.payload, input=msg["read"],
-            output=msg["output"], write=msg["write"], durable_input=min(c.durable_input, msg["read"]),
-            regenerable=bool(msg["regenerable"])) for c, msg, ici in dumped),
+            key=c.key, ici=ici.encode(), state=f.state, input=f.read, output=f.output,
+            write=f.write, durable_input=min(c.durable_input, f.read),
+            regenerable=bool(f.regenerable)) for c, f, ici in dumped),
         by_checkpoint=tuple(sorted(set(agent.conns) - {c.key for c, _, _ in dumped})))
     try:
         blob = passwire.seal(p, agent.keyring)
@@ -177,55 +198,68 @@ def finish_out(agent, passed: list, target: str) -> None:
         for key in keys:
             agent.conns.pop(key, None)
         agent.passed_tuples.extend(c.tuple for c in passed)
-    chans = set()
-    for c in passed:
-        if c.guard is not None:
-            try:
-                c.guard.remove()
-            except OSError:
-                pass
-        if c.app is not None:
-            chans.add(c.app)
-            try:
-                protocol.send(c.app, "passed", conn=c.key, reason=f"passed to {target}")
-            except OSError:
-                pass
-        try:
-            c.sock.shutdown(socket.SHUT_RD)
-        except OSError:
-            pass
-        repair.close_silently(c.sock)
-    for chan in chans:
+    let_go(passed, f"passed to {target}")
+    for chan in {c.app for c in passed if c.app is not None}:
         try:
             protocol.send(chan, "thaw")
         except OSError:
             pass
 
 
+def let_go(conns: list, reason: str) -> None:
+    """This host no longer serves ``conns``: tell their applications (``passed``, so that
+    a handler stops instead of reading an end of stream), put each endpoint in repair mode
+    so that no close can send FIN or RST, wake idle handlers with SHUT_RD (TCP sends
+    nothing for it), remove the ACK gate's entry, close our descriptor."""
+    for c in conns:
+        if c.app is not None:
+            try:
+                protocol.send(c.app, "passed", conn=c.key, reason=reason, flags=socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+        try:
+            repair.repair_on(c.sock)
+        except (OSError, TcpcpError):
+            pass
+        try:
+            c.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+        if c.guard is not None:
+            try:
+                c.guard.remove()
+            except OSError:
+                pass
+        repair.close_silently(c.sock)
+
+
 class PassFailed(Exception):
     pass
 
 
-def _freeze(agent, conns: list) -> dict:
-    """Ask every application channel to freeze; wait for each connection's exact state
-    until ``switchover.freeze_timeout`` or the fencing deadline, whichever is first."""
-    chans = {c.app for c in conns}
-    for chan in chans:
+def _ask_freeze(agent, conns: list) -> None:
+    for chan in {c.app for c in conns}:
         try:
             protocol.send(chan, "freeze")
         except OSError:
             pass
+
+
+def _wait_frozen(agent, conns: list) -> dict:
+    """Each connection's exact state (``Frozen``), as they arrive, until
+    ``switchover.freeze_timeout`` or the fencing deadline, whichever is first."""
     keys = {c.key for c in conns}
-    deadline = agent.clock() + agent.config.freeze_timeout
-    last_renew = agent.machine.state.last_renew
-    if last_renew is not None:
-        deadline = min(deadline, agent.config.fence_deadline(last_renew) - agent.config.fence_margin)
+    cfg = agent.config
+    deadline = agent.clock() + cfg.freeze_timeout
     with agent.frozen_cv:
         while not keys <= set(agent.frozen):
-            left = deadline - agent.clock()
+            # the connections still serve, unisolated: stop waiting well before the
+            # fencing deadline of the newest renewal (the lease is renewed meanwhile)
+            renewed = max(agent.renewed_at or 0.0, agent.machine.state.last_renew or 0.0)
+            left = min(deadline, cfg.fence_deadline(renewed) - cfg.fence_margin) - agent.clock()
             if left <= 0:
                 break
-            agent.frozen_cv.wait(left)
+            agent.frozen_cv.wait(min(left, 0.05))
         return {k: agent.frozen[k] for k in keys if k in agent.frozen}
 
 
@@ -289,7 +323,12 @@ def accept(agent, blob: bytes) -> dict:
     made = []
     try:
         for pc, ici in zip(p.conns, icis):
-            made.append((pc, ici, repair.restore(ici, freebind=True, validated=True)))
+            # the whole send queue as new data, sent at activation: the peer may lack any
+            # of it (segments dropped while isolated), and restored "sent" bytes would wait
+            # for a first retransmission timeout of one second (no RTT sample yet); bytes
+            # the peer has it simply drops again
+            made.append((pc, ici, repair.restore(ici, freebind=True, validated=True,
+                                                 peer_acked=ici.snd_una)))
     except BaseException:
         for _, _, r in made:
             repair.close_silently(r.sock)
@@ -327,12 +366,13 @@ def activate(agent, epoch: int) -> tuple[set[str], list]:
         drop_incoming(agent, incoming, f"passed in epoch {incoming.pass_.epoch}, taking over {epoch}")
         return set(), []
     t0 = agent.clock()
-    guards = []
+    guards, quoted = [], []
     for pc, ici, _ in incoming.items:
         held = (ici.copied_seq - (pc.input - pc.durable_input)) & 0xFFFFFFFF
         guards.append(agent._guard(tuple_of(ici), held, ici.rcv_wscale))
-    done = set()
-    for (pc, ici, restored), guard in zip(incoming.items, guards):
+        quoted.append(ici.replace(rcv_nxt=held, recv_queue=b""))
+    active = []
+    for (pc, ici, restored), guard, quote in zip(incoming.items, guards, quoted):
         try:
             repair.activate(restored)
         except TcpcpError as exc:
@@ -341,6 +381,14 @@ def activate(agent, epoch: int) -> tuple[set[str], list]:
                 guard.remove()
             repair.close_silently(restored.sock)
             continue
+        active.append((pc, ici, restored, guard, quote))
+    t_active = agent.clock()
+    # peers whose segments were dropped while the origin was isolated may have backed
+    # off: undo as many steps as the pass can have cost (RFC 6069, kernel/nudge.py)
+    nudge.nudge([q for *_, q in active],
+                count=nudge.backoffs((agent.wall() - incoming.pass_.wall_ns) / 1e9))
+    done = set()
+    for pc, ici, restored, guard, _ in active:
         sock = restored.sock
         acked, received = tcp_bytes(sock)
         reg = Registration(ici.replace(recv_queue=b"", rcv_nxt=ici.copied_seq), read=pc.input,
@@ -363,7 +411,8 @@ def activate(agent, epoch: int) -> tuple[set[str], list]:
             agent._hand_over(chan, conn, fields)
         done.add(pc.key)
     agent.counters["passed_in"] = agent.counters.get("passed_in", 0) + len(done)
-    agent.note(f"activated {len(done)} passed connections in {(agent.clock() - t0) * 1000:.1f} ms")
+    agent.note(f"activated {len(active)} passed connections in {(t_active - t0) * 1000:.1f} ms, "
+               f"handed them over in {(agent.clock() - t_active) * 1000:.1f} ms")
     with agent.wake:
         agent._queued = True
         agent.wake.notify_all()
