@@ -8,7 +8,14 @@ baseline in the same run is the lease TTL itself: no fail-over can be detected s
 Also per row: http_max_gap_ms and kv_max_gap_ms (which side the gap was on), resumed_ms
 (crash -> connections activated on b; what follows is the peers' side: b's agent handing
 the connections over, the applications' first sends, the peers' retransmissions), the
-resurrection's probe/restore/activate ms, and the load used.
+resurrection's probe/restore/activate ms, and the load used. The baseline beside the
+pauses: baseline_http_max_gap_ms and baseline_kv_max_gap_ms, the longest pauses the same
+peers saw in the 5 s before the fault, under the same load, in the same run.
+
+``--fault switchover`` (``resurrect switchover --to b``): the connections are passed live
+(checkpointd/switchover.py); ``passed_live`` counts them, ``switchover`` holds the
+origin's phases (ms from the decision: frozen, isolated, dumped, probed, sealed,
+accepted by b), and b's ``resumed_ms`` is when it had activated them.
 
 The load per connection shrinks as N grows (``http_rate``, ``kv_rate``, ``duration``): one
 2-core machine runs both hosts, etcd and the peers, and a drill measures the fail-over, not
@@ -95,20 +102,23 @@ def main(argv=None) -> int:
                       http_rate=http_rate(n), kv_rate=kv_rate(n), fault=args.fault,
                       keep=str(Path(args.keep) / str(n)) if args.keep else None)
         rows.append({k: r.get(k) for k in (
-            "connections", "resurrected", "bytes_verified", "lost_bytes", "duplicated_bytes",
-            "resets", "max_gap_ms", "http_max_gap_ms", "kv_max_gap_ms", "detection_ms",
+            "connections", "resurrected", "passed_live", "bytes_verified", "lost_bytes",
+            "duplicated_bytes", "resets", "max_gap_ms", "http_max_gap_ms", "kv_max_gap_ms",
+            "baseline_http_max_gap_ms", "baseline_kv_max_gap_ms", "detection_ms",
             "takeover_ms", "restore_ms", "resumed_ms", "lease_ttl_s")})
         rows[-1]["target_max_gap_ms"] = 200 if args.fault == "switchover" else args.lease_ttl * 1000 + 700
         rows[-1]["fault"] = args.fault
         rows[-1].update(_resurrection(r.get("events_b", [])), http_rate=http_rate(n), kv_rate=kv_rate(n),
                         duration_s=duration(n, args.duration),
                         http_problems=len(r.get("http_problems", [])), kv_ok=(r.get("kv") or {}).get("ok"))
+        if r.get("switchover"):
+            rows[-1]["switchover"] = r["switchover"]
         if r.get("http_problems") or (r.get("kv") or {}).get("errors"):
             rows[-1].update(first_http_problems=r["http_problems"][:3],
                             first_kv_errors=(r.get("kv") or {}).get("errors", [])[:3])
         print(json.dumps(rows[-1]) if args.json else rows[-1], flush=True)
     ok = all(r["lost_bytes"] == 0 and r["duplicated_bytes"] == 0 and r["resets"] == 0
-             and r["resurrected"] == r["connections"] for r in rows)
+             and r["resurrected"] + (r["passed_live"] or 0) == r["connections"] for r in rows)
     return 0 if ok else 1
 
 

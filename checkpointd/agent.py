@@ -153,6 +153,7 @@ class Agent:
         self.pass_nonces: set[str] = set()
         self.last_switchover: dict | None = None
         self.renewed_at: float | None = None   # the last renewal sent (any thread)
+        self._letting_go: threading.Thread | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> "Agent":
@@ -541,7 +542,7 @@ class Agent:
         if outcome is not None and outcome.error:
             self.note(f"switchover to {target}: {outcome.error}; passing by checkpoint")
         if passed:
-            switchover.finish_out(self, passed, target)
+            self._letting_go = switchover.finish_out(self, passed, target)
         t_live = self.clock()
         self._pass_by_checkpoint(target)
         self.last_switchover = dict(
@@ -553,6 +554,11 @@ class Agent:
         self.note(f"switchover to {target}: {len(passed)} connections passed live, "
                   f"{len(self.conns)} by checkpoint, in {(self.clock() - t0) * 1000:.1f} ms "
                   f"(phases {self.last_switchover['phases_ms']})")
+
+    def _lift_after_let_go(self, tuples: list) -> None:
+        if self._letting_go is not None:
+            self._letting_go.join()
+        self.isolation.release(tuples)
 
     def _pass_by_checkpoint(self, target: str) -> None:
         """Switchover: the connections are isolated (nothing moves); write every one's
@@ -681,7 +687,8 @@ class Agent:
             with self.lock:
                 passed, self.passed_tuples = self.passed_tuples, []
             if passed:   # the VIP is gone: nothing of these can reach this kernel now
-                self.isolation.release(passed)
+                threading.Thread(target=self._lift_after_let_go, args=(passed,), daemon=True,
+                                 name="checkpointd-lift").start()
         elif isinstance(action, decide.Resurrect):
             self._resurrect(action.epoch)
         elif isinstance(action, decide.PassConnections):
@@ -782,6 +789,10 @@ class Agent:
 
     def _register(self, chan: socket.socket, msg: protocol.Message) -> None:
         sock = socket.socket(fileno=msg.fd)
+        if self.machine.state.role is decide.Role.DEMOTED:
+            sock.close()
+            raise RuntimeError("this host is handing its connections over (switchover): "
+                               "no new connection can be protected here")
         try:
             repair.repair_on(sock)
             try:
@@ -1022,8 +1033,13 @@ class Agent:
     def _resurrect(self, epoch: int) -> None:
         from resurrect import core
         t0 = self.clock()
+        everything = self.incoming is not None and not self.incoming.pass_.by_checkpoint
         passed, announced = switchover.activate(self, epoch)
         t_passed = self.clock()
+        if everything and passed and self._pending_resurrection is None:
+            # the origin passed every connection it had live: no record to read (the
+            # passed ones get theirs under this epoch in the first commit round)
+            self._pending_resurrection = core.Prepared(epoch)
         prepared = self._pending_resurrection or core.prepare(self, epoch, skip=passed)
         self._pending_resurrection = None
         self.last_resurrection = None

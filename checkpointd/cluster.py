@@ -82,6 +82,7 @@ class Cluster:
     workdir: Path
     lease_ttl: float = 1.0
     unprotected_grace: float = 10.0
+    switchover_pass: bool = True     # False: a switchover goes by checkpoint (the fallback)
     procs: list[Proc] = field(default_factory=list)
 
     @property
@@ -206,6 +207,8 @@ socket = "{self.workdir / host / 'app.sock'}"
 listen = "{self.api_address(host)}"
 partners = {json.dumps([f"http://{self.api_address(h)}" for h in ("a", "b") if h != host])}
 failsafe = {"true" if self.lease_ttl >= 2 else "false"}
+[switchover]
+pass = {"true" if self.switchover_pass else "false"}
 """)
         return path
 

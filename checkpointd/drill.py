@@ -98,7 +98,8 @@ FAULTS = ("crash", "mid-commit", "etcd-partition", "etcd-outage", "switchover")
 def run(connections: int = 20, *, seed: int = 1, lease_ttl: float = 1.0, http_rate: int = 2_000_000,
         duration: float = 4.0, kill_window: tuple[float, float] = (0.8, 2.0), plot: str | None = None,
         progress=lambda msg: None, fault: str = "crash", pcap: str | None = None,
-        keep: str | None = None, outage_s: float = 2.5, kv_rate: float | None = None) -> dict:
+        keep: str | None = None, outage_s: float = 2.5, kv_rate: float | None = None,
+        switchover_pass: bool = True) -> dict:
     """One drill. ``fault``: "crash" (A's link down, then its processes killed),
     "mid-commit" (the same crash, at the moment A's checkpoints are durable in etcd but
     their ACK gates not yet raised: the peers' snd_una is one commit behind the records) or
@@ -108,8 +109,10 @@ def run(connections: int = 20, *, seed: int = 1, lease_ttl: float = 1.0, http_ra
     ``outage_s``; fail-safe: A asks B, B cannot reach etcd either, so A keeps serving and
     releases the ACK gate after the grace; the members come back, A re-protects its
     connections, and only then does A crash) or "switchover" (no fault: the operator's
-    ``resurrect switchover --to b``; A isolates its connections, checkpoints them and
-    releases the leader key, B takes it at once and resurrects them). ``pcap``: capture the
+    ``resurrect switchover --to b``; A freezes its applications, isolates its connections
+    and passes them live to B (checkpointd/switchover.py), releases the leader key, B takes
+    it at once and activates them; ``switchover_pass=False``: A checkpoints them instead
+    and B resurrects them, the fallback). ``pcap``: capture the
     peer's side of every connection (tcpdump, headers only) into this file. ``keep``: copy
     every process's log and the agents' last status into this directory at the end.
     ``kv_rate``: requests per second per KV connection (None: kv_client.py's default).
@@ -125,7 +128,7 @@ def run(connections: int = 20, *, seed: int = 1, lease_ttl: float = 1.0, http_ra
         work = Path(d)
         if fault == "etcd-outage":
             lease_ttl = max(lease_ttl, 2.0)   # fail-safe needs room before the deadline (R11)
-        cluster = Cluster(topo, work, lease_ttl=lease_ttl,
+        cluster = Cluster(topo, work, lease_ttl=lease_ttl, switchover_pass=switchover_pass,
                           unprotected_grace=1.0 if fault == "etcd-outage" else 10.0)
         outage = None
         sampler = None
@@ -229,12 +232,18 @@ def run(connections: int = 20, *, seed: int = 1, lease_ttl: float = 1.0, http_ra
         takeover = _event_time(status_b, "took virtual IPs", killed)
         res = status_b.get("last_resurrection") or {}
         gap = sampler.max_gap(killed - 5, time.monotonic())
+        # the same load's pauses before the fault: the baseline measured in the same run
+        http_before = sampler.max_gap(killed - 5, killed)
+        kv_gaps = (result.get("kv") or {}).get("gaps", [])
+        kv_before = max((ms for ms, end in kv_gaps if end < killed), default=0.0)
         result.update(
             connections=connections, seed=seed, lease_ttl_s=lease_ttl,
             resurrected=status_b["counters"]["resurrected"],
             passed_live=status_b["counters"].get("passed_in", 0),
             refused=status_b["counters"]["refused"],
             http_max_gap_ms=round(gap * 1000, 1), kv_max_gap_ms=result.get("kv_max_gap_ms", 0.0),
+            baseline_http_max_gap_ms=round(http_before * 1000, 1),
+            baseline_kv_max_gap_ms=round(kv_before, 1),
             http_gap_ends_ms=[round((t - killed) * 1000) for _, _, t in sampler.gaps(killed - 5, time.monotonic())[:5]],
             resumed_ms=round((min(res["at"], res.get("passed_at", res["at"])) - killed) * 1000, 1)
             if res.get("at") else None,
@@ -247,6 +256,8 @@ def run(connections: int = 20, *, seed: int = 1, lease_ttl: float = 1.0, http_ra
             fault=fault)
         if outage is not None:
             result.update(outage)
+        if fault == "switchover":
+            result.update(switchover=status_a.get("last_switchover"))
         if fault == "etcd-partition":
             fenced = _event_time(status_a, "fenced", killed)
             result.update(a_role=status_a["role"], a_fenced_ms=round((fenced - killed) * 1000, 1) if fenced else None,

@@ -46,11 +46,13 @@ from __future__ import annotations
 import ipaddress
 import json
 import socket
+import threading
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-from kernel import nudge, repair
+from kernel import nudge, probe, repair
 from kernel.errors import TcpcpError
 from kernel.isolate import tuple_of
 
@@ -148,6 +150,7 @@ def pass_out(agent, target: str, epoch: int) -> Outcome:
     if url is None or not frozen:
         _thaw(agent, candidates)
         return out
+    prober = _prober(agent)
     dumped = []
     for c in candidates:
         msg = frozen.get(c.key)
@@ -160,15 +163,32 @@ def pass_out(agent, target: str, epoch: int) -> Outcome:
             _quietly_off(c.sock)
             agent.note(f"{c.key}: not passed live, dump failed: {exc}")
             continue
+        if prober is not None:   # answered while the next ones are dumped
+            try:
+                prober.send(len(dumped), ici, _ts_for(ici))
+            except OSError:
+                pass             # unanswered: its whole send queue is resent
         dumped.append((c, msg, ici))
     mark("dumped")
+    answers = {}
+    if prober is not None:
+        try:
+            answers = prober.collect(ts_for=_ts_for)
+        except OSError as exc:
+            agent.note(f"switchover: probing the peers failed ({exc}); the destination resends "
+                       "whole send queues")
+        finally:
+            prober.close()
+        mark("probed")
     p = passwire.Pass(
         cluster=agent.config.cluster_name, origin=agent.config.host_name, target=target,
         epoch=epoch, wall_ns=agent.wall(),
         conns=tuple(passwire.PassedConn(
             key=c.key, ici=ici.encode(), state=f.state, input=f.read, output=f.output,
             write=f.write, durable_input=min(c.durable_input, f.read),
-            regenerable=bool(f.regenerable)) for c, f, ici in dumped),
+            regenerable=bool(f.regenerable),
+            peer_acked=answers[i].acked if i in answers else None)
+            for i, (c, f, ici) in enumerate(dumped)),
         by_checkpoint=tuple(sorted(set(agent.conns) - {c.key for c, _, _ in dumped})))
     try:
         blob = passwire.seal(p, agent.keyring)
@@ -188,7 +208,7 @@ def pass_out(agent, target: str, epoch: int) -> Outcome:
     return out
 
 
-def finish_out(agent, passed: list, target: str) -> None:
+def finish_out(agent, passed: list, target: str) -> "threading.Thread":
     """The target holds the passed endpoints: let go of ours. The applications hear
     ``passed`` first (their handlers are frozen, so none can read in between), then
     SHUT_RD wakes the idle ones (nothing is sent: the socket is in repair mode and TCP
@@ -198,12 +218,17 @@ def finish_out(agent, passed: list, target: str) -> None:
         for key in keys:
             agent.conns.pop(key, None)
         agent.passed_tuples.extend(c.tuple for c in passed)
-    let_go(passed, f"passed to {target}")
-    for chan in {c.app for c in passed if c.app is not None}:
-        try:
-            protocol.send(chan, "thaw")
-        except OSError:
-            pass
+
+    def let_go_all():   # off the critical path: the VIP and the key go meanwhile
+        let_go(passed, f"passed to {target}")
+        for chan in {c.app for c in passed if c.app is not None}:
+            try:
+                protocol.send(chan, "thaw")
+            except OSError:
+                pass
+    t = threading.Thread(target=let_go_all, name="checkpointd-let-go", daemon=True)
+    t.start()
+    return t
 
 
 def let_go(conns: list, reason: str) -> None:
@@ -235,6 +260,24 @@ def let_go(conns: list, reason: str) -> None:
 
 class PassFailed(Exception):
     pass
+
+
+def _prober(agent):
+    """The peers' acknowledged positions are asked while this host still holds the
+    address (the answers come here): the destination then resends only what they lack."""
+    try:
+        prober = probe.Prober(agent.config.interface)
+        prober.begin()
+        return prober
+    except OSError as exc:
+        agent.note(f"switchover: cannot probe the peers ({exc})")
+        return None
+
+
+def _ts_for(ici):
+    """The timestamp clock the restored socket will run (never behind the probe's)."""
+    return repair.advanced_timestamp(ici.ts_val, time.time_ns() - ici.dump_time_ns
+                                     + repair.DEFAULT_TS_SKEW_NS)
 
 
 def _ask_freeze(agent, conns: list) -> None:
@@ -323,12 +366,12 @@ def accept(agent, blob: bytes) -> dict:
     made = []
     try:
         for pc, ici in zip(p.conns, icis):
-            # the whole send queue as new data, sent at activation: the peer may lack any
-            # of it (segments dropped while isolated), and restored "sent" bytes would wait
-            # for a first retransmission timeout of one second (no RTT sample yet); bytes
-            # the peer has it simply drops again
+            # the send queue from the peer's rcv_nxt on (all of it if the probe went
+            # unanswered) as new data, sent at activation: restored "sent" bytes would
+            # wait for a first retransmission timeout of one second (no RTT sample yet)
+            acked = ici.snd_una if pc.peer_acked is None else pc.peer_acked
             made.append((pc, ici, repair.restore(ici, freebind=True, validated=True,
-                                                 peer_acked=ici.snd_una)))
+                                                 peer_acked=acked)))
     except BaseException:
         for _, _, r in made:
             repair.close_silently(r.sock)

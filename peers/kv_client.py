@@ -17,7 +17,7 @@ clean end of stream. Prints one JSON object (``--json``) or a dict: connections,
 replies_verified, bytes_verified, mismatches, missing_replies, resets, errors,
 max_gap_ms (longest wait for the next reply while replies were owed; max_gap_port and
 max_gap_end say which connection, by local port, and when it ended, CLOCK_MONOTONIC),
-ok. Exit status 0
+gaps (the 50 longest waits over 20 ms as [ms, end]), ok. Exit status 0
 only when every request got its expected reply.
 
     python3 peers/kv_client.py --connect HOST:PORT --connections N --seconds S --seed X --json
@@ -32,6 +32,8 @@ import sys
 import threading
 import time
 
+
+GAP_KEEP_MS = 20.0   # waits longer than this are listed in the report ("gaps")
 
 def model_apply(store, line):
     """The client's model of the server: the protocol's definition."""
@@ -94,6 +96,7 @@ class Session:
         self.latencies = []
         self.gap_end = None
         self.where = None
+        self.gaps = {}   # start of a wait of more than GAP_KEEP_MS -> (ms, end)
 
     def error(self, text):
         where = getattr(self, "where", None)
@@ -174,6 +177,8 @@ class Session:
             gap = (now - self.progress) * 1000
             if gap > self.stats["max_gap_ms"]:
                 self.stats["max_gap_ms"], self.gap_end = gap, now
+            if gap > GAP_KEEP_MS:
+                self.gaps[self.progress] = (gap, now)
 
     def check(self, line, want):
         text = line.decode("ascii", "replace")
@@ -288,6 +293,10 @@ def main(argv=None):
     if worst is not None and worst.gap_end is not None:
         total["max_gap_port"] = int(worst.where.rsplit(" ", 1)[1]) if worst.where else None
         total["max_gap_end"] = round(worst.gap_end, 3)
+    # the longest waits with when they ended (CLOCK_MONOTONIC), so that a caller can tell
+    # the waits around an event from those of the same load before it
+    longest = sorted((g for s in sessions for g in s.gaps.values()), reverse=True)[:50]
+    total["gaps"] = [[round(ms, 1), round(end, 3)] for ms, end in longest]
     lat = sorted(x for s in sessions for x in s.latencies)
     if lat:
         total["requests_per_s"] = round(len(lat) / args.seconds, 1)

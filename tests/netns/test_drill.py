@@ -53,10 +53,23 @@ def test_etcd_without_quorum_fail_safe_then_crash_loses_nothing():
 
 
 def test_operator_switchover_of_100_connections_under_load_loses_nothing():
-    """`resurrect switchover --to b`, run as an operator runs it: a isolates its
-    connections, checkpoints them and releases the leader key; b takes it at once (no
-    lease to wait for) and resurrects every connection."""
+    """`resurrect switchover --to b`, run as an operator runs it: a freezes its
+    applications, isolates its connections and passes every one live to b, with its
+    queues and the application's exact state; b takes the leader key at once (no lease to
+    wait for) and activates them. Nothing is resurrected from a checkpoint."""
     result = drill.run(100, seed=51, duration=6.0, fault="switchover", http_rate=200_000, kv_rate=20)
-    assert result["resurrected"] == 100 and result["refused"] == 0, result
+    sw = result["switchover"]
+    assert result["passed_live"] == 100 and result["resurrected"] == 0, result
+    assert sw["frozen"] == sw["asked"] == sw["passed_live"] == 100 and sw["error"] is None, sw
     assert result["lost_bytes"] == 0 and result["duplicated_bytes"] == 0 and result["resets"] == 0, result
     assert result["detection_ms"] is not None and result["detection_ms"] < 1000, result
+
+
+def test_switchover_by_checkpoint_when_passing_is_off_loses_nothing():
+    """``switchover.pass = false`` (and the path every connection takes when the target
+    refuses a pass): a isolates its connections, writes a final checkpoint of each and
+    releases the leader key; b resurrects every one."""
+    result = drill.run(40, seed=52, duration=5.0, fault="switchover", http_rate=200_000, kv_rate=20,
+                       switchover_pass=False)
+    assert result["resurrected"] == 40 and result["passed_live"] == 0 and result["refused"] == 0, result
+    assert result["lost_bytes"] == 0 and result["duplicated_bytes"] == 0 and result["resets"] == 0, result
