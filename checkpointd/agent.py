@@ -508,7 +508,7 @@ class Agent:
         try:
             answer = switchover.accept(self, blob)
         except switchover.passwire.PassRefused as exc:
-            self.note(f"pass refused: {exc}")
+            self.note(str(exc))
             if self.metrics is not None:
                 self.metrics.record_refused("pass", 1)
             return {"ok": False, "error": str(exc), "reason": exc.reason}
@@ -543,6 +543,7 @@ class Agent:
             self.note(f"switchover to {target}: {outcome.error}; passing by checkpoint")
         if passed:
             self._letting_go = switchover.finish_out(self, passed, target)
+            self.counters["passed_out"] = self.counters.get("passed_out", 0) + len(passed)
         t_live = self.clock()
         self._pass_by_checkpoint(target)
         self.last_switchover = dict(
@@ -816,12 +817,13 @@ class Agent:
         with self.wake:
             self.wake.notify_all()
 
-    def _guard(self, tup, commit_seq: int, wscale: int) -> ackgate.Guard | None:
+    def _guard(self, tup, commit_seq: int, wscale: int, *,
+               keep_sack: bool = False) -> ackgate.Guard | None:
         """Guard from what the kernel has already acknowledged (it cannot be taken back)."""
         if self.gate is None:
             return None
         try:
-            return self.gate.guard(tup, commit_seq, wscale)
+            return self.gate.guard(tup, commit_seq, wscale, keep_sack=keep_sack)
         except ackgate.GateFull as exc:
             if self.metrics is not None:
                 self.metrics.gate_full.inc()
@@ -1007,7 +1009,8 @@ class Agent:
                 if conn.guard.commit(conn.reg.seq_of_read(c.input)) and self.metrics is not None:
                     self.metrics.gate_commits.inc()
             except OSError as exc:
-                log.warning("%s: gate not raised: %s", conn.key, exc)
+                if self.conns.get(conn.key) is conn:   # else released during the round
+                    log.warning("%s: gate not raised: %s", conn.key, exc)
         self._tell_durable(conn)
 
     def _tell_durable(self, conn: Conn) -> None:

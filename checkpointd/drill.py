@@ -307,7 +307,8 @@ def _scrape(ns: str, address: str) -> dict:
     import urllib.request
 
     wanted = ("tcpcp_resurrections_total", "tcpcp_checkpoints_total", "tcpcp_gate_commits_total",
-              'tcpcp_role{role="primary"}', "tcpcp_commit_latency_seconds_count")
+              'tcpcp_role{role="primary"}', "tcpcp_commit_latency_seconds_count",
+              'tcpcp_passed_total{direction="in"}')
     try:
         with netns.enter(ns):
             with urllib.request.urlopen(f"http://{address}/metrics", timeout=2) as r:

@@ -294,6 +294,9 @@ class AgentMetrics:
         self.resurrection_failures = r.counter(
             "tcpcp_resurrection_failures_total",
             "Checkpointed connections that could not be resurrected, by reason.", ("reason",))
+        self.passed = r.counter(
+            "tcpcp_passed_total", "Connections passed live by switchovers, by direction "
+            "(out: from this host, in: activated here).", ("direction",))
         self.fences = r.counter(
             "tcpcp_fences_total", "Times this agent silenced its connections (lease not renewed).")
         self.role_changes = r.counter(
@@ -369,6 +372,9 @@ class AgentMetrics:
                              ("fenced", self.fences)):
             if isinstance(counters.get(key), (int, float)):
                 counter.raise_to(counters[key])
+        for key, direction in (("passed_out", "out"), ("passed_in", "in")):
+            if isinstance(counters.get(key), (int, float)):
+                self.passed.raise_to(counters[key], direction=direction)
         if "connections_protected" in status or "connections_unprotected" in status:
             self.set_connections(status.get("connections_protected", 0),
                                  status.get("connections_unprotected", 0))

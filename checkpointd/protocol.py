@@ -112,11 +112,13 @@ def decode(data: bytes, fd: int | None = None) -> Message:
         raise ProtocolError(f"header length {hlen} runs past the message ({len(data)} bytes)")
     try:
         header = json.loads(data[_LEN.size:_LEN.size + hlen])
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"header is not JSON: {exc}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ProtocolError(f"header is not JSON: {type(exc).__name__}") from None
     if not isinstance(header, dict) or "op" not in header:
         raise ProtocolError("header has no op")
     op = header.pop("op")
+    if not isinstance(op, str):
+        raise ProtocolError(f"op must be a string, not {type(op).__name__}")
     _check(op, header)
     if (fd is not None) != (op in _WITH_FD):
         raise ProtocolError(f"{op} {'needs' if op in _WITH_FD else 'must not carry'} a file descriptor")
@@ -190,17 +192,21 @@ def decode_frozen_many(payload: bytes, count: int) -> list[tuple[dict, bytes]]:
     try:
         (hlen,) = _LEN.unpack_from(payload)
         index = json.loads(payload[_LEN.size:_LEN.size + hlen])
+        if not isinstance(index, list):
+            raise ProtocolError("frozen_many: the index is not a list")
         pos, out = _LEN.size + hlen, []
         for row in index:
+            if not isinstance(row, list) or len(row) != len(FROZEN_FIELDS) + 1:
+                raise ProtocolError(f"frozen_many: a row is not {len(FROZEN_FIELDS) + 1} values")
             fields = dict(zip(FROZEN_FIELDS, row[:len(FROZEN_FIELDS)]))
             _check("frozen", fields)
             n = row[len(FROZEN_FIELDS)]
-            if not isinstance(n, int) or n < 0 or pos + n > len(payload):
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0 or pos + n > len(payload):
                 raise ProtocolError("frozen_many: a state runs past the message")
             out.append((fields, bytes(payload[pos:pos + n])))
             pos += n
-    except (struct.error, ValueError, TypeError, IndexError) as exc:
-        raise ProtocolError(f"frozen_many: {exc}") from None
+    except (struct.error, ValueError, TypeError, IndexError, RecursionError) as exc:
+        raise ProtocolError(f"frozen_many: {type(exc).__name__}: {exc}"[:200]) from None
     if pos != len(payload) or len(out) != count:
         raise ProtocolError(f"frozen_many: {len(out)} entries, {len(payload) - pos} bytes left over")
     return out

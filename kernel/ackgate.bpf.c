@@ -43,6 +43,9 @@
 
 #define GATE_GUARDED 0x1  /* clamp ACKs, strip SACK, drop FIN/RST */
 #define GATE_RELEASED 0x2 /* the application closes on purpose: FIN/RST may leave */
+#define GATE_KEEP_SACK 0x4 /* SACK blocks pass: a just-passed endpoint (switchover), whose
+			    * peer must learn at once which of its segments the isolated
+			    * origin dropped, or it waits out its retransmission timer */
 
 #define TCPOPT_EOL 0
 #define TCPOPT_NOP 1
@@ -319,7 +322,7 @@ int ackgate(struct __sk_buff *skb)
 				st->ts_ecr = bpf_ntohl(ts[1]);
 				st->seen |= SEEN_TS;
 			}
-		} else if (kl[0] == TCPOPT_SACK) {
+		} else if (kl[0] == TCPOPT_SACK && !(guard_flags & GATE_KEEP_SACK)) {
 			__u32 removed = strip_sack(skb, off, len, commit);
 
 			if (removed) {

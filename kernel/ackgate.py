@@ -57,6 +57,7 @@ import socket
 import struct
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterable
 
@@ -68,7 +69,7 @@ from . import constants as C
 from .errors import KernelError, TcpcpError
 from .gaterows import (CONN, KEY_SIZE, SEEN_ACK, SEEN_TS, STATS, ZERO_STATS, Entry, Stats,
                        Tuple4, fmt, key_of, normalize, rewind_receive, tuple_of)
-from .tcpseg import GUARDED, RELEASED, ones_sum, pseudo_sum, seq_after, widened_window
+from .tcpseg import GUARDED, KEEP_SACK, RELEASED, ones_sum, pseudo_sum, seq_after, widened_window
 
 __all__ = ["Gate", "Guard", "GateError", "GateFull", "Entry", "Stats", "build", "program",
            "leftovers", "key_of", "normalize", "tuple_of", "rewind_receive"]
@@ -315,9 +316,10 @@ class Gate:
 
     # -- connections -------------------------------------------------------------------
     def guard(self, tup: Tuple4, commit_seq: int, rcv_wscale: int, *,
-              released: bool = False) -> "Guard":
+              released: bool = False, keep_sack: bool = False) -> "Guard":
         """Start guarding a connection: from now on the peer sees no ACK beyond
-        ``commit_seq``, and no FIN or RST (unless ``released``).
+        ``commit_seq``, and no FIN or RST (unless ``released``). ``keep_sack``: SACK
+        blocks pass until :meth:`Guard.keep_sack` turns it off (Guard.keep_sack says why).
 
         ``rcv_wscale`` is this host's receive window scale for the connection (TCP_INFO
         ``tcpi_rcv_wscale``): the program needs it to widen windows correctly. Raises
@@ -327,7 +329,7 @@ class Gate:
         if not 0 <= rcv_wscale <= 14:
             raise ValueError(f"window scale {rcv_wscale} out of range 0..14")
         key = key_of(tup)
-        flags = GUARDED | (RELEASED if released else 0)
+        flags = GUARDED | (RELEASED if released else 0) | (KEEP_SACK if keep_sack else 0)
         fresh_stats = False
         try:
             self.stats.update(key, ZERO_STATS, bpf.BPF_NOEXIST)
@@ -455,6 +457,7 @@ class Guard:
     def __init__(self, gate: Gate, tup: Tuple4, key: bytes, commit_seq: int, rcv_wscale: int,
                  flags: int):
         self.gate, self.tuple, self.key = gate, tup, key
+        self._lock = threading.Lock()   # commit_seq and flags are written together
         self.commit_seq, self.rcv_wscale, self.flags = commit_seq, rcv_wscale, flags
         self.base_seq: int | None = None  # sequence number of stream offset 0, if known
         # BPF_EXIST: a commit never re-creates a connection someone removed meanwhile.
@@ -478,10 +481,11 @@ class Guard:
         only with the kernel's next ACK, which a peer whose window is full never causes.
         """
         seq &= 0xFFFFFFFF
-        if not seq_after(seq, self.commit_seq):
-            return False
-        self._write(seq, self.flags)
-        self.commit_seq = seq
+        with self._lock:
+            if not seq_after(seq, self.commit_seq):
+                return False
+            self._write(seq, self.flags)
+            self.commit_seq = seq
         if ack:
             self.send_ack()
         return True
@@ -506,8 +510,25 @@ class Guard:
         """Let FIN and RST through: the application is closing on purpose. ACKs stay
         clamped (input may still arrive after our FIN and must be committed); once the
         application is done with the connection, :meth:`remove` it."""
-        self._write(self.commit_seq, self.flags | RELEASED)
-        self.flags |= RELEASED
+        with self._lock:
+            self._write(self.commit_seq, self.flags | RELEASED)
+            self.flags |= RELEASED
+
+    def keep_sack(self, on: bool) -> None:
+        """Let SACK blocks pass (``on``), or strip those above the commit again.
+
+        Stripping them is the rule (docs/ackgate.md): a block above a clamped ACK makes
+        the peer resend what was received but not committed, and after a crash SACKed
+        ranges wait for the peer to detect reneging. A just-passed endpoint is the
+        exception: segments the isolated origin dropped leave holes, and without SACK the
+        peer finds out only from its retransmission timer, re-armed by every commit's ACK
+        (request/response pauses of a second and more were measured). The switchover
+        keeps SACK on for its first moments only (checkpointd/switchover.py).
+        """
+        with self._lock:
+            flags = (self.flags | KEEP_SACK) if on else (self.flags & ~KEEP_SACK)
+            self._write(self.commit_seq, flags)
+            self.flags = flags
 
     def remove(self) -> Stats | None:
         """Stop guarding; the last counters are returned."""

@@ -21,7 +21,7 @@ TH_FIN, TH_SYN, TH_RST, TH_PSH, TH_ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 TCPOPT_EOL, TCPOPT_NOP, TCPOPT_MSS, TCPOPT_WINDOW = 0, 1, 2, 3
 TCPOPT_SACK_PERM, TCPOPT_SACK, TCPOPT_TIMESTAMP = 4, 5, 8
 IPPROTO_TCP = 6
-GUARDED, RELEASED = 0x1, 0x2  # gate_conn.flags in kernel/ackgate.bpf.c
+GUARDED, RELEASED, KEEP_SACK = 0x1, 0x2, 0x4  # gate_conn.flags in kernel/ackgate.bpf.c
 MAX_WSCALE = 14
 
 
@@ -211,7 +211,7 @@ def gate(header: bytes, segment_len: int, commit: int, wscale: int, flags: int
         struct.pack_into("!H", out, 14, widened_window(right, commit, ws))
     base = 20
     for kind, at, length in walk_options(bytes(out[20:hlen]))[0]:
-        if kind == TCPOPT_SACK:
+        if kind == TCPOPT_SACK and not flags & KEEP_SACK:
             _strip_sack(out, base + at, length, commit)
     return True, bytes(out) + header[hlen:]
 

@@ -61,6 +61,7 @@ def test_operator_switchover_of_100_connections_under_load_loses_nothing():
     sw = result["switchover"]
     assert result["passed_live"] == 100 and result["resurrected"] == 0, result
     assert sw["frozen"] == sw["asked"] == sw["passed_live"] == 100 and sw["error"] is None, sw
+    assert result["metrics_b"].get('tcpcp_passed_total{direction="in"}') == 100, result["metrics_b"]
     assert result["lost_bytes"] == 0 and result["duplicated_bytes"] == 0 and result["resets"] == 0, result
     assert result["detection_ms"] is not None and result["detection_ms"] < 1000, result
 

@@ -203,6 +203,7 @@ def test_agent_metrics_names_types_and_every_line_parses():
         "tcpcp_gate_full_total": "counter",
         "tcpcp_resurrections_total": "counter",
         "tcpcp_resurrection_failures_total": "counter",
+        "tcpcp_passed_total": "counter",
         "tcpcp_fences_total": "counter",
         "tcpcp_role_changes_total": "counter",
         "tcpcp_role": "gauge",
@@ -294,3 +295,12 @@ def test_update_from_status_optional_gauges():
     s = samples(m.render())
     assert s["tcpcp_connections_protected"] == 5
     assert s['tcpcp_role{role="standby"}'] == 1
+
+
+def test_passed_counters_follow_the_agents_totals_by_direction():
+    m = AgentMetrics()
+    m.update_from_status({"counters": {"passed_out": 3, "passed_in": 0}})
+    m.update_from_status({"counters": {"passed_out": 2, "passed_in": 5}})   # never down
+    text = m.render()
+    assert 'tcpcp_passed_total{direction="out"} 3' in text
+    assert 'tcpcp_passed_total{direction="in"} 5' in text
