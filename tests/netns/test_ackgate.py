@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from kernel import ackgate, bpf, netns, repair, tcpseg
-from kernel.tcpseg import GUARDED, RELEASED, TH_ACK, TH_FIN, TH_PSH, TH_RST, TH_SYN
+from kernel.tcpseg import GUARDED, KEEP_SACK, RELEASED, TH_ACK, TH_FIN, TH_PSH, TH_RST, TH_SYN
 from polling import until
 
 pytestmark = pytest.mark.netns
@@ -619,13 +619,16 @@ CRAFTED = [  # name, flags, ack, options, payload, doff
 ]
 
 
-@pytest.mark.parametrize("family", [4, 6], ids=["v4", "v6"])
-def test_crafted_segments_with_broken_options(topology, gate, family):
+@pytest.mark.parametrize("family, keep_sack", [(4, False), (6, False), (4, True)],
+                         ids=["v4", "v6", "v4-keep-sack"])
+def test_crafted_segments_with_broken_options(topology, gate, family, keep_sack):
     """Segments of a guarded tuple, sent from a raw socket through the program: each one
-    arrives as the model says (or is dropped only for FIN/RST), with a valid checksum."""
+    arrives as the model says (or is dropped only for FIN/RST), with a valid checksum.
+    With ``keep_sack`` (a just-passed endpoint) every SACK block passes as it was."""
     src, dst = addr(topology, "origin", family), addr(topology, "peer", family)
     sport, dport, wscale = 7500, 7501, 7
-    gate.guard((src, sport, dst, dport), COMMIT, wscale)
+    guard = gate.guard((src, sport, dst, dport), COMMIT, wscale, keep_sack=keep_sack)
+    gate_flags = GUARDED | (KEEP_SACK if keep_sack else 0)
     cap = Capture(topology.peer)
     with netns.enter(topology.origin):
         raw = socket.socket(socket.AF_INET if family == 4 else socket.AF_INET6, socket.SOCK_RAW,
@@ -641,7 +644,7 @@ def test_crafted_segments_with_broken_options(topology, gate, family):
     l4 = 20 if family == 4 else 40
     expect = {}
     for name, pkt in sent:
-        passed, want = tcpseg.gate(pkt[l4:], len(pkt) - l4, COMMIT, wscale, GUARDED)
+        passed, want = tcpseg.gate(pkt[l4:], len(pkt) - l4, COMMIT, wscale, gate_flags)
         if passed:
             expect[struct.unpack_from("!I", pkt, l4 + 4)[0]] = (name, want)
     until(lambda: len([s for s, _ in cap.from_(src, sport)]) >= len(expect), 5,
@@ -658,7 +661,10 @@ def test_crafted_segments_with_broken_options(topology, gate, family):
         assert tcpseg.checksum_ok(seg.ip_src, seg.ip_dst, tcp), name
     stats = gate.get((src, sport, dst, dport)).stats()
     assert stats.fin_rst_dropped == 2
-    assert stats.clamped > 0 and stats.sack_stripped > 0
+    assert stats.clamped > 0 and (stats.sack_stripped == 0 if keep_sack else stats.sack_stripped > 0)
+    if keep_sack:   # and back to the rule
+        guard.keep_sack(False)
+        assert gate.get((src, sport, dst, dport)).flags == GUARDED
 
 
 # --- lifecycle --------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 
 from kernel import ackgate, bpfobj, tcpseg
 from kernel.ackgate import key_of, normalize, rewind_receive, tuple_of
-from kernel.tcpseg import GUARDED, RELEASED, TH_ACK, TH_FIN, TH_PSH, TH_RST, TH_SYN
+from kernel.tcpseg import GUARDED, KEEP_SACK, RELEASED, TH_ACK, TH_FIN, TH_PSH, TH_RST, TH_SYN
 
 from ici_cases import CASES
 
@@ -115,6 +115,15 @@ def test_sack_blocks_above_commit_go_the_rest_compacted():
     passed, out = tcpseg.gate(hdr(ack=3000, options=opts), 20 + len(opts), 4000, 0, GUARDED)
     want = NOP2 + sack((3000, 3500), (3600, 3900)) + b"\x01" * 8
     assert out[20:] == want
+
+
+def test_keep_sack_passes_every_block_but_still_clamps_the_ack():
+    """A just-passed endpoint (switchover): the peer must see its holes at once."""
+    opts = NOP2 + sack((4500, 4800), (3000, 3500))
+    passed, out = tcpseg.gate(hdr(ack=5000, window=100, options=opts), 20 + len(opts), 4000, 2,
+                              GUARDED | KEEP_SACK)
+    assert passed and out == hdr(ack=4000, window=350, options=opts)
+    assert tcpseg.gate(hdr(flags=TH_RST), 20, 4000, 0, GUARDED | KEEP_SACK)[0] is False
 
 
 def test_all_blocks_above_commit_leave_only_nops():
