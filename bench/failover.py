@@ -93,13 +93,19 @@ def main(argv=None) -> int:
     ap.add_argument("--fault", choices=("crash", "switchover"), default="crash",
                     help="crash (the fail-over; target TTL + 700 ms at 100) or switchover "
                          "(resurrect switchover --to b, no crash; target 200 ms)")
+    ap.add_argument("--http-rate", type=int, default=None,
+                    help="bytes/s per download instead of the per-N default (http_rate)")
+    ap.add_argument("--kv-rate", type=float, default=None,
+                    help="requests/s per KV session instead of the per-N default (kv_rate)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     raise_fd_limit()
     rows = []
     for n in args.connections:
+        h_rate = args.http_rate or http_rate(n)
+        k_rate = args.kv_rate or kv_rate(n)
         r = drill.run(n, seed=args.seed, lease_ttl=args.lease_ttl, duration=duration(n, args.duration),
-                      http_rate=http_rate(n), kv_rate=kv_rate(n), fault=args.fault,
+                      http_rate=h_rate, kv_rate=k_rate, fault=args.fault,
                       keep=str(Path(args.keep) / str(n)) if args.keep else None)
         rows.append({k: r.get(k) for k in (
             "connections", "resurrected", "passed_live", "bytes_verified", "lost_bytes",
@@ -108,7 +114,7 @@ def main(argv=None) -> int:
             "takeover_ms", "restore_ms", "resumed_ms", "lease_ttl_s")})
         rows[-1]["target_max_gap_ms"] = 200 if args.fault == "switchover" else args.lease_ttl * 1000 + 700
         rows[-1]["fault"] = args.fault
-        rows[-1].update(_resurrection(r.get("events_b", [])), http_rate=http_rate(n), kv_rate=kv_rate(n),
+        rows[-1].update(_resurrection(r.get("events_b", [])), http_rate=h_rate, kv_rate=k_rate,
                         duration_s=duration(n, args.duration),
                         http_problems=len(r.get("http_problems", [])), kv_ok=(r.get("kv") or {}).get("ok"))
         if r.get("switchover"):

@@ -10,6 +10,9 @@ so one request both checks and explains; HEAD answers the same code without the 
     GET /status                200 the status JSON                                   503 if unavailable
     GET /metrics               200 Prometheus text format 0.0.4
     POST /failsafe             200 the callback's JSON; 503 without a callback; 400 bad JSON
+    POST /poke                 200: a partner released the leader key, look at etcd now
+    POST /pass                 a switchover's sealed pass (agent to agent, binary, up to
+                               1 GiB): 200 accepted, 409 refused (JSON says why), 500
     anything else              404
 
 "Alive" means the HA loop ran within ``liveness_s``: the status dict's ``ha_loop_at`` (the

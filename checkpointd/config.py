@@ -91,9 +91,10 @@ Rules checked at load (timings in seconds; names as above, section omitted)::
             the question to the partner, which may first try etcd itself (one more
             retry_timeout), plus 0.1 s for the round trip and scheduling.
 
-switchover.freeze_timeout needs no rule: the primary does not renew while its
-applications freeze (they still serve, unisolated), so the wait is cut short at the
-fencing deadline less fence_margin whatever the setting (checkpointd/switchover.py).
+switchover.freeze_timeout needs no rule: while the applications freeze (they still
+serve, unisolated) the wait is cut short at the fencing deadline of the newest renewal
+less fence_margin, whatever the setting (checkpointd/switchover.py; the lease is renewed
+meanwhile, Agent._renewing).
 """
 
 from __future__ import annotations

@@ -128,6 +128,11 @@ def run(connections: int = 20, *, seed: int = 1, lease_ttl: float = 1.0, http_ra
         work = Path(d)
         if fault == "etcd-outage":
             lease_ttl = max(lease_ttl, 2.0)   # fail-safe needs room before the deadline (R11)
+        if fault == "switchover":
+            # no lease lapses in a switchover, so its length costs nothing; a 1 s lease made
+            # a half-second etcd stall (fsync on this shared machine) fence the primary
+            # before the operator's request, and b took over as in a crash
+            lease_ttl = max(lease_ttl, 2.0)
         cluster = Cluster(topo, work, lease_ttl=lease_ttl, switchover_pass=switchover_pass,
                           unprotected_grace=1.0 if fault == "etcd-outage" else 10.0)
         outage = None

@@ -5,7 +5,7 @@ frozen at a point where its state reflects exactly what it read (R) and wrote (W
 endpoint is isolated and dumped with its whole receive and send queues, and the
 destination re-creates it. Nothing is regenerated and nothing is retransmitted, so the
 application need not be deterministic. This module is the message that carries it, pure
-and root-free; the agent does the I/O (checkpointd/livepass.py).
+and root-free; the agent does the I/O (checkpointd/switchover.py).
 
 Why not etcd: the queues of a thousand busy connections are tens of megabytes, a
 record may not exceed 1 MiB, and every etcd write is on the peer's pause. The message

@@ -28,7 +28,7 @@ Agent -> application:
   registered conn | durable conn, seq | released conn | error conn, reason
   resume    conn, input, output, discard, unacked_len  + fd + state, followed by the
             output the library keeps as unacknowledged (logged mode)  (on the new primary)
-Switchover by passing (checkpointd/livepass.py), agent -> application:
+Switchover by passing (checkpointd/switchover.py), agent -> application:
   freeze                 every connection of this channel: stop at the next point where
                          the last commit reflects everything read (and, for logged
                          output, written), and say so                  -> frozen (each)

@@ -7,10 +7,13 @@ Origin (the primary, ``pass_out``, the ``PassConnections`` action)::
                                      logged output, written); the library reports that
                                      exact state (``frozen``)
     isolate every connection         one nft transaction (the fence)
-    dump the frozen ones             TCP_REPAIR, receive and send queues whole
+    dump the frozen ones             TCP_REPAIR, receive and send queues whole; each
+                                     peer is probed right after its dump, while this
+                                     host still holds the address (kernel/probe.py):
+                                     its rcv_nxt L travels with the ICI
     POST /pass to the target         sealed (checkpointd/passwire.py); the target
                                      validates all of it and creates every endpoint in
-                                     repair mode before answering
+                                     repair mode behind the ACK gate before answering
     the rest by checkpoint           connections not frozen in time (an application busy
                                      mid-message) get a final durable record instead
     tell the applications            ``passed`` (their handler stops), SHUT_RD wakes
@@ -23,22 +26,30 @@ Destination (a standby, ``accept`` on ``POST /pass``, ``activate`` at the takeov
 
     open and check the message       key, cluster, target, epoch of the leader it
                                      follows, age, nonce, every ICI, every address a VIP
-    create every endpoint            repair mode, FREEBIND (the VIP is not here yet)
+    create every endpoint            repair mode, FREEBIND (the VIP is not here yet),
+                                     the send queue from L on as unsent data; guarded
+                                     at once, with SACK blocks let through
     ... acquire the leader key, take the VIP (the ordinary takeover) ...
-    guard, activate, hand over       the ACK gate starts at the newest durable input
-                                     (the peer was never acknowledged beyond it), the
-                                     application resumes at exactly R and W with the
-                                     frozen state; its first record is written at once
+    activate, nudge, hand over       the application resumes at exactly R and W with the
+                                     frozen state; its first record is written at once;
+                                     after KEEP_SACK_S the gate strips SACK again
 
-Why the gate starts at the durable input and not at R: if the destination dies before
-its first record is durable, the next takeover resurrects from the origin's records,
-which end there. Why nothing is probed or nudged: the origin's dump is exact and the
-pass is shorter than the peer's retransmission timer.
+Why the gate starts at the newest durable input and not at R: the peer was never
+acknowledged beyond it, and a record of R exists only once the destination's first
+commit round is durable. (Until then the connection's record is the origin's, of the
+origin's epoch, which the epoch rule makes a later takeover refuse: the same window as
+a resurrection's between activation and adoption; docs/failover.md.) Why the send queue
+goes from L as unsent data: restored "sent" bytes would wait for a first retransmission
+timeout of one second. Why SACK: segments the isolated origin dropped leave holes, and
+only SACK tells a Linux peer at once (kernel/ackgate.py, ``Guard.keep_sack``). Why the
+nudge: a peer whose timer backed off while the origin was isolated.
 
 If the target refuses or cannot be reached, every dumped endpoint leaves repair mode
 where it stopped (the isolation stays: the switchover goes on) and all connections go by
 checkpoint, as before this module existed: still lossless for applications whose output
-is regenerable or logged.
+is regenerable or logged. The applications stay frozen (a thawed handler would move its
+state past the final checkpoint's) until the connections are dropped, which tells them
+``passed``.
 """
 
 from __future__ import annotations

@@ -727,8 +727,10 @@ def _target(host: str | None) -> str | None:
 @_yes_option
 @click.pass_obj
 def switchover(session: Session, host: str, yes: bool) -> None:
-    """Planned: the primary isolates every connection, checkpoints it and releases the
-    leader key; HOST takes it at once (even while fail-over is paused) and resurrects them."""
+    """Planned: the primary freezes its applications, isolates every connection and passes
+    it live to HOST with its queues and the application's exact state (a connection that
+    cannot go live gets a final checkpoint instead), then releases the leader key; HOST
+    takes it at once (even while fail-over is paused) and activates them."""
     from checkpointd.store import base
 
     host = _target(host)
