@@ -19,12 +19,25 @@ import pytest
 from checkpointd import protocol
 from checkpointd.app import AgentClient, AppError, ConnectionPassed, outq
 
-from test_app_library import (FakeAgent, agent, client, fill, read_exactly,  # noqa: F401 (fixtures)
-                              stream_bytes, tcp_pair, wait_until)
+from test_app_library import FakeAgent, fill, read_exactly, stream_bytes, tcp_pair, wait_until
 
 pytestmark = pytest.mark.timeout(20)
 
 QUIET = 0.2      # how long "nothing happens" is watched for
+
+
+@pytest.fixture
+def agent(tmp_path):
+    a = FakeAgent(tmp_path / "agent.sock")
+    yield a
+    a.close()
+
+
+@pytest.fixture
+def client(agent):
+    c = AgentClient(agent.path, timeout=5)
+    yield c
+    c.close()
 
 
 @pytest.fixture
