@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from checkpointd import passwire, switchover
+from checkpointd import switchover
 from checkpointd.agent import Agent
 from checkpointd.config import Config
 from checkpointd.decide import HAState, Role, RoleMachine
