@@ -485,17 +485,21 @@ def activate(agent, epoch: int) -> tuple[set[str], list]:
     agent.counters["passed_in"] = agent.counters.get("passed_in", 0) + len(done)
     # the peers learn of the holes the isolated origin left from our SACK blocks for a
     # moment; then the gate's rule (no SACK above the commit) applies again
-    keeping = [g for *_, g, _ in active if g is not None]
-    if keeping:
-        timer = threading.Timer(KEEP_SACK_S, _stop_keeping_sack, args=(keeping,))
-        timer.daemon = True
-        timer.start()
+    keep_sack_for_a_while([g for *_, g, _ in active if g is not None])
     agent.note(f"activated {len(active)} passed connections in {(t_active - t0) * 1000:.1f} ms, "
                f"handed them over in {(agent.clock() - t_active) * 1000:.1f} ms")
     with agent.wake:
         agent._queued = True
         agent.wake.notify_all()
     return done, incoming_tuples(incoming)
+
+
+def keep_sack_for_a_while(guards: list) -> None:
+    """Guards made with ``keep_sack``: back to stripping SACK after KEEP_SACK_S."""
+    if guards:
+        timer = threading.Timer(KEEP_SACK_S, _stop_keeping_sack, args=(guards,))
+        timer.daemon = True
+        timer.start()
 
 
 def _stop_keeping_sack(guards: list) -> None:

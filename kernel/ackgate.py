@@ -520,10 +520,11 @@ class Guard:
         Stripping them is the rule (docs/ackgate.md): a block above a clamped ACK makes
         the peer resend what was received but not committed, and after a crash SACKed
         ranges wait for the peer to detect reneging. A just-passed endpoint is the
-        exception: segments the isolated origin dropped leave holes, and without SACK the
-        peer finds out only from its retransmission timer, re-armed by every commit's ACK
-        (request/response pauses of a second and more were measured). The switchover
-        keeps SACK on for its first moments only (checkpointd/switchover.py).
+        exception: segments the isolated (or dead) origin dropped leave holes, and
+        without SACK the peer finds out only from its retransmission timer, re-armed by
+        every commit's ACK (request/response pauses of a second and more were measured).
+        A switchover and a resurrection keep SACK on for their first second only
+        (checkpointd/switchover.py ``keep_sack_for_a_while``).
         """
         with self._lock:
             flags = (self.flags | KEEP_SACK) if on else (self.flags & ~KEEP_SACK)

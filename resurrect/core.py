@@ -26,7 +26,7 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
-from checkpointd import offsets
+from checkpointd import offsets, switchover
 from checkpointd.conns import Registration
 from checkpointd.decide import RecordMeta, may_resurrect
 from checkpointd.store import record as records
@@ -189,7 +189,7 @@ def resurrect(agent, prepared: Prepared) -> int:
     # guard before activation: from the first moment the socket can speak, its kernel
     # must not acknowledge input beyond the checkpoint's I (the nudged peers retransmit
     # at once, and nothing of that is committed yet)
-    guards = [agent._guard(tuple_of(target), target.rcv_nxt, target.rcv_wscale)
+    guards = [agent._guard(tuple_of(target), target.rcv_nxt, target.rcv_wscale, keep_sack=True)
               for _, target, _, _ in made]
     agent.isolation.release([tuple_of(ici) for _, ici in prepared.items])
     for rec, target, r, restored in made:
@@ -229,6 +229,9 @@ def resurrect(agent, prepared: Prepared) -> int:
     for ici, why in failed:
         agent.note(f"{ici.local_addr}:{ici.local_port}-{ici.remote_addr}:{ici.remote_port}: "
                    f"not resurrected: {why}")
+    # for a moment the peers see SACK blocks, so that what they sent into the void since
+    # the crash is recovered by fast retransmission, not by timers (Guard.keep_sack)
+    switchover.keep_sack_for_a_while([g for g in guards if g is not None])
     agent.counters["resurrected"] += len(made)
     agent.counters["refused"] += len(failed)
     if getattr(agent, "metrics", None) is not None:
