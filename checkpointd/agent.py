@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from kernel import ackgate, repair, vip
+from kernel.errors import TcpcpError
 from kernel.isolate import Isolation, tuple_of
 
 from . import decide, protocol, switchover
@@ -723,8 +724,16 @@ class Agent:
     def _drop(self) -> None:
         with self.lock:
             conns, self.conns = list(self.conns.values()), {}
-        switchover.let_go(conns, "dropped: another host took the connection over")
-        self.isolation.release([c.tuple for c in conns])
+        for c in conns:   # silent from here on, whenever the thread below gets to them
+            try:
+                repair.repair_on(c.sock)
+            except (OSError, TcpcpError):
+                pass
+
+        def let_go_then_lift():   # an application slow to read must not hold the HA loop
+            switchover.let_go(conns, "dropped: another host took the connection over")
+            self.isolation.release([c.tuple for c in conns])
+        threading.Thread(target=let_go_then_lift, name="checkpointd-drop", daemon=True).start()
         self.note(f"dropped {len(conns)} connections silently (another host owns them)")
 
     # -- applications ---------------------------------------------------------------------

@@ -79,6 +79,7 @@ PASS_TIMEOUT = 5.0          # seconds for the target to validate and create ever
 KEEP_SACK_S = 1.0           # after activation, SACK blocks pass this long (Guard.keep_sack)
 PROBE_WAIT_S = 0.03         # per round of waiting for the peers' answers (two rounds)
 PROBE_ABOVE = 8 << 20       # send-queue bytes in all beyond which the peers are probed
+TELL_FOR_S = 2.0            # how long a message to a slow application is retried
 
 
 @dataclass
@@ -252,13 +253,14 @@ def let_go(conns: list, reason: str) -> None:
     """This host no longer serves ``conns``: tell their applications (``passed``, so that
     a handler stops instead of reading an end of stream), put each endpoint in repair mode
     so that no close can send FIN or RST, wake idle handlers with SHUT_RD (TCP sends
-    nothing for it), remove the ACK gate's entry, close our descriptor."""
+    nothing for it), remove the ACK gate's entry, close our descriptor.
+
+    The messages are not dropped when an application's channel is full (its handler
+    would then wait frozen for good): each is retried for up to TELL_FOR_S; run this in
+    a thread of its own where an application may be slow to read."""
     for c in conns:
         if c.app is not None:
-            try:
-                protocol.send(c.app, "passed", conn=c.key, reason=reason, flags=socket.MSG_DONTWAIT)
-            except OSError:
-                pass
+            _tell(c.app, "passed", conn=c.key, reason=reason)
         try:
             repair.repair_on(c.sock)
         except (OSError, TcpcpError):
@@ -274,10 +276,21 @@ def let_go(conns: list, reason: str) -> None:
                 pass
         repair.close_silently(c.sock)
     for chan in {c.app for c in conns if c.app is not None}:
-        try:   # the freeze is over for these channels (their other connections go on)
-            protocol.send(chan, "thaw", flags=socket.MSG_DONTWAIT)
+        _tell(chan, "thaw")   # the freeze is over (the channel's other connections go on)
+
+
+def _tell(chan, op: str, **fields) -> None:
+    deadline = time.monotonic() + TELL_FOR_S
+    while True:
+        try:
+            protocol.send(chan, op, flags=socket.MSG_DONTWAIT, **fields)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.005)
         except OSError:
-            pass
+            return   # the application is gone
 
 
 class PassFailed(Exception):
