@@ -147,7 +147,6 @@ class Agent:
         # applications reported (origin), tuples to keep isolated until the VIP is gone
         # (origin), endpoints created for a pass (destination), nonces seen (destination)
         self.frozen: dict = {}
-        self.frozen_at: list[float] = []
         self.frozen_cv = threading.Condition()
         self.passed_tuples: list = []
         self.incoming: switchover.Incoming | None = None
@@ -514,7 +513,6 @@ class Agent:
                 self.metrics.record_refused("pass", 1)
             return {"ok": False, "error": str(exc), "reason": exc.reason}
         self._observe_now(decide.SwitchoverRequested(target=self.config.host_name))
-        self.poked.set()
         return answer
 
     def _expire_incoming(self) -> None:
@@ -791,8 +789,7 @@ class Agent:
             now = self.clock()
             with self.frozen_cv:
                 for fields, state in reports:
-                    self.frozen[fields["conn"]] = switchover.Frozen(state=state, **fields)
-                    self.frozen_at.append(now)
+                    self.frozen[fields["conn"]] = switchover.Frozen(state=state, at=now, **fields)
                 self.frozen_cv.notify_all()
         else:
             raise protocol.ProtocolError(f"{msg.op} is not a request")

@@ -492,22 +492,28 @@ class Protected:
 
         A blocking recv waits in ``poll`` (on the socket and the freeze pipe), not in
         the kernel, so that a switchover can freeze the connection while its handler
-        waits for input: the bytes then stay in the receive queue, which is passed."""
+        waits for input: the bytes then stay in the receive queue, which is passed. It
+        tries first and polls only when nothing is there (one syscall when busy), except
+        on a socket with a timeout, where CPython itself would wait inside the call."""
         if flags & socket.MSG_PEEK:
             return self.sock.recv(n, flags)
+        timeout = self.sock.gettimeout()
+        blocking = timeout != 0.0
         while True:
-            timeout = self._park(select.POLLIN)
+            if timeout:
+                self._park(select.POLLIN)
             self._io_enter()
             try:
-                data = self.sock.recv(n, flags | (socket.MSG_DONTWAIT if timeout != 0.0 else 0))
+                data = self.sock.recv(n, flags | socket.MSG_DONTWAIT)
                 self.read += len(data)
+                return data
             except (BlockingIOError, InterruptedError):
-                if timeout == 0.0:
+                if not blocking:
                     raise
-                continue
             finally:
                 self._io_leave()
-            return data
+            if timeout is None:
+                self._park(select.POLLIN)
 
     def send(self, data) -> int:
         """``sock.send``, counted into W; returns how many bytes of ``data`` were taken.
@@ -525,36 +531,38 @@ class Protected:
             rest = view[taken:]
             if not rest:
                 return taken
+            timeout = self.sock.gettimeout()
+            blocking = timeout != 0.0
             while True:
-                try:
-                    timeout = self._park(select.POLLOUT)
-                except (BlockingIOError, TimeoutError):
-                    if taken:
-                        return taken
-                    raise
+                if timeout:   # CPython would wait inside the call: poll first
+                    try:
+                        self._park(select.POLLOUT)
+                    except TimeoutError:
+                        if taken:
+                            return taken
+                        raise
                 self._io_enter()
                 try:
-                    n = self.sock.send(rest, socket.MSG_DONTWAIT if timeout != 0.0 else 0)
+                    n = self.sock.send(rest, socket.MSG_DONTWAIT)
                     self._wrote(rest[:n])
-                except (BlockingIOError, InterruptedError, TimeoutError):
-                    if timeout != 0.0 and not taken:
-                        continue
+                    return taken + n
+                except (BlockingIOError, InterruptedError):
                     if taken:
                         return taken
-                    raise
+                    if not blocking:
+                        raise
                 finally:
                     self._io_leave()
-                return taken + n
+                if timeout is None:
+                    self._park(select.POLLOUT)
 
     # -- switchover: freezing at a quiescent point ---------------------------------------------
-    def _park(self, events: int) -> float | None:
+    def _park(self, events: int) -> None:
         """Wait (outside the kernel's recv/send) until the socket is ready for
-        ``events``; the socket's timeout applies (TimeoutError). Returns the timeout
-        (0.0: non-blocking, nothing waited). While a freeze is asked the freeze pipe is
-        readable and wakes the wait, so that ``_io_enter`` can stop this handler."""
+        ``events``; the socket's timeout applies (TimeoutError). While a freeze is asked
+        the freeze pipe is readable and wakes the wait, so that ``_io_enter`` can stop
+        this handler."""
         timeout = self.sock.gettimeout()
-        if timeout == 0.0:
-            return timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         poller = select.poll()
         poller.register(self.sock.fileno(), events)
@@ -562,18 +570,18 @@ class Protected:
         watching = True
         while True:
             if self._phase in (_FROZEN, _PASSED):
-                return timeout           # _io_enter waits or raises
+                return                   # _io_enter waits or raises
             wait = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
             if not watching:             # the freeze pipe is off: look at the phase often
                 wait = PHASE_POLL_MS if wait < 0 else min(wait, PHASE_POLL_MS)
             ready = poller.poll(wait)
             fds = {fd for fd, _ in ready}
             if self.sock.fileno() in fds:
-                return timeout
+                return
             if fds:                      # the freeze pipe
                 with self._cv:
                     if self._phase in (_FROZEN, _PASSED) or (self._phase == _ASKED and self._quiescent()):
-                        return timeout   # _io_enter stops here
+                        return          # _io_enter stops here
                 # asked, but this handler has not reached a quiescent point: carry on
                 # without the pipe (it stays readable while the freeze lasts), checking the
                 # phase every PHASE_POLL_MS (another thread may commit, then it is frozen

@@ -68,7 +68,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-from kernel import nudge, probe, repair
+from kernel import ackgate, nudge, probe, repair
 from kernel.errors import TcpcpError
 from kernel.isolate import tuple_of
 
@@ -104,6 +104,7 @@ class Frozen:
     write: int
     regenerable: int
     state: bytes
+    at: float = 0.0   # when the report arrived (agent's monotonic clock)
 
 
 @dataclass
@@ -146,7 +147,7 @@ def pass_out(agent, target: str, epoch: int) -> Outcome:
         candidates = [c for c in agent.conns.values()
                       if c.app is not None and c.guard is not None and not c.exposed]
     with agent.frozen_cv:
-        agent.frozen, agent.frozen_at = {}, []
+        agent.frozen = {}
     _ask_freeze(agent, candidates)   # the applications stop while we find the target
     url = partner_url(agent, target)
     mark("target_found")
@@ -158,8 +159,7 @@ def pass_out(agent, target: str, epoch: int) -> Outcome:
         frozen = _wait_frozen(agent, candidates)
         mark("frozen")
         out.frozen = len(frozen)
-        with agent.frozen_cv:
-            at = sorted(agent.frozen_at)
+        at = sorted(f.at for f in frozen.values())
         if at:   # how fast the applications stopped: first, median, last report
             out.phases_ms.update(frozen_first=round((at[0] - t0) * 1000, 1),
                                  frozen_median=round((at[len(at) // 2] - t0) * 1000, 1),
@@ -498,29 +498,13 @@ def activate(agent, epoch: int) -> tuple[set[str], list]:
     agent.counters["passed_in"] = agent.counters.get("passed_in", 0) + len(done)
     # the peers learn of the holes the isolated origin left from our SACK blocks for a
     # moment; then the gate's rule (no SACK above the commit) applies again
-    keep_sack_for_a_while([g for *_, g, _ in active if g is not None])
+    ackgate.keep_sack_for([g for *_, g, _ in active if g is not None], KEEP_SACK_S)
     agent.note(f"activated {len(active)} passed connections in {(t_active - t0) * 1000:.1f} ms, "
                f"handed them over in {(agent.clock() - t_active) * 1000:.1f} ms")
     with agent.wake:
         agent._queued = True
         agent.wake.notify_all()
     return done, incoming_tuples(incoming)
-
-
-def keep_sack_for_a_while(guards: list) -> None:
-    """Guards made with ``keep_sack``: back to stripping SACK after KEEP_SACK_S."""
-    if guards:
-        timer = threading.Timer(KEEP_SACK_S, _stop_keeping_sack, args=(guards,))
-        timer.daemon = True
-        timer.start()
-
-
-def _stop_keeping_sack(guards: list) -> None:
-    for guard in guards:
-        try:
-            guard.keep_sack(False)
-        except (OSError, TcpcpError):
-            pass   # removed meanwhile (the connection ended)
 
 
 def _held(pc: passwire.PassedConn, ici) -> int:

@@ -524,7 +524,7 @@ class Guard:
         without SACK the peer finds out only from its retransmission timer, re-armed by
         every commit's ACK (request/response pauses of a second and more were measured).
         A switchover and a resurrection keep SACK on for their first second only
-        (checkpointd/switchover.py ``keep_sack_for_a_while``).
+        (``keep_sack_for``).
         """
         with self._lock:
             flags = (self.flags | KEEP_SACK) if on else (self.flags & ~KEEP_SACK)
@@ -640,3 +640,18 @@ def _copied_seq(sock: socket.socket, attempts: int = 16) -> int:
     finally:
         repair.repair_off(sock, window_probe=False)
     return (before - inq) & 0xFFFFFFFF
+
+
+def keep_sack_for(guards: list, seconds: float) -> None:
+    """Guards made with ``keep_sack``: back to stripping SACK after ``seconds``, in a
+    timer thread. A guard removed meanwhile (its connection ended) is skipped."""
+    def stop():
+        for guard in guards:
+            try:
+                guard.keep_sack(False)
+            except (OSError, TcpcpError):
+                pass
+    if guards:
+        timer = threading.Timer(seconds, stop)
+        timer.daemon = True
+        timer.start()

@@ -31,7 +31,7 @@ from checkpointd.conns import Registration
 from checkpointd.decide import RecordMeta, may_resurrect
 from checkpointd.store import record as records
 from checkpointd.store.errors import StoreError
-from kernel import nudge, probe, repair
+from kernel import ackgate, nudge, probe, repair
 from kernel.errors import TcpcpError
 from kernel.ici import ICI
 from kernel.isolate import tuple_of
@@ -231,7 +231,7 @@ def resurrect(agent, prepared: Prepared) -> int:
                    f"not resurrected: {why}")
     # for a moment the peers see SACK blocks, so that what they sent into the void since
     # the crash is recovered by fast retransmission, not by timers (Guard.keep_sack)
-    switchover.keep_sack_for_a_while([g for g in guards if g is not None])
+    ackgate.keep_sack_for([g for g in guards if g is not None], switchover.KEEP_SACK_S)
     agent.counters["resurrected"] += len(made)
     agent.counters["refused"] += len(failed)
     if getattr(agent, "metrics", None) is not None:
